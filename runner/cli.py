@@ -1,0 +1,138 @@
+"""`runner train|summary|ckpt …` — parses arguments, turns RunnerErrors into one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError, RunnerError
+
+USAGE_EXIT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RunnerError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"runner: error (rank {rank}): " if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "runner: error: "
+        print(prefix + str(e), file=sys.stderr, flush=True)
+        return USAGE_EXIT
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runner", description="Fault-tolerant PyTorch training from one YAML file.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, func, help_ in (("train", cmd_train, "train (resumes automatically from the newest checkpoint)"),
+                              ("summary", cmd_summary, "print the model's layers, shapes and parameter counts")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("job", help="job YAML file")
+        c.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+        c.set_defaults(func=func)
+    ckpt = sub.add_parser("ckpt", help="list, verify and inspect checkpoints").add_subparsers(dest="action",
+                                                                                              required=True)
+    for name, func, what in (("ls", cmd_ckpt_ls, "checkpoint directory (store)"),
+                             ("verify", cmd_ckpt_verify, "store or one step-* checkpoint"),
+                             ("inspect", cmd_ckpt_inspect, "one step-* checkpoint")):
+        c = ckpt.add_parser(name)
+        c.add_argument("url", help=f"fsspec URL or path of a {what}")
+        c.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000")
+        c.set_defaults(func=func)
+    return p
+
+
+def load_job(args):
+    from .config import load_config
+
+    job_dir = str(Path(args.job).resolve().parent)
+    if job_dir not in sys.path:
+        sys.path.insert(0, job_dir)  # a user module next to the job file imports by its name
+    return load_config(args.job, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    return train(load_job(args))
+
+
+def cmd_summary(args) -> int:
+    import torch
+
+    from .components import build_model
+    from .data import build_datasets
+    from .finetune import Phase, replace_head
+    from .summary import summarize
+
+    cfg = load_job(args)
+    torch.manual_seed(cfg.train.seed)
+    data = build_datasets(cfg.data)
+    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    head = cfg.finetune.head
+    if head:
+        replace_head(model, head.module, head.num_classes)
+    phases = [Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    example = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    print(summarize(model, example, phases or None, head.module if head else None))
+    return 0
+
+
+def storage_options(args) -> dict:
+    options = {}
+    for item in args.storage_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--storage-option '{item}': expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def cmd_ckpt_ls(args) -> int:
+    from .checkpoint import CheckpointStore, describe_listing
+
+    print(describe_listing(CheckpointStore(args.url, storage_options(args))))
+    return 0
+
+
+def cmd_ckpt_verify(args) -> int:
+    from .checkpoint import run_verify
+
+    text, code = run_verify(args.url, storage_options(args))
+    print(text)
+    return code
+
+
+def cmd_ckpt_inspect(args) -> int:
+    import json
+
+    import torch
+
+    from .checkpoint import open_checkpoint
+    from .state import load_bytes
+
+    store, info = open_checkpoint(args.url, storage_options(args))
+    print(json.dumps(info.manifest, indent=2, sort_keys=True))
+    state = load_bytes(store.read(info), info.url)
+    for section in ("model", "optimizer", "scheduler", "scaler"):
+        print(f"\n[{section}]")
+        for name, value in flatten(state.get(section)):
+            shape = f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}" if isinstance(value, torch.Tensor) else repr(value)
+            print(f"  {name}: {shape}")
+    return 0
+
+
+def flatten(obj, prefix: str = ""):
+    """(dotted name, leaf) pairs of nested dicts/lists, for printing a state's tensors."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from flatten(value, f"{prefix}{key}.")
+    elif isinstance(obj, (list, tuple)) and len(obj) <= 64:
+        for i, value in enumerate(obj):
+            yield from flatten(value, f"{prefix}{i}.")
+    elif obj is not None:
+        yield prefix.rstrip("."), obj

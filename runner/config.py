@@ -1,0 +1,335 @@
+"""Job file → typed, frozen config.
+
+YAML plus `a.b=value` overrides are merged into one dict, then converted field by field into the
+dataclasses below. Every error names the file and the dotted key and, for typos, the closest key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"
+    """Built-in (`cnn`, `mlp`), `torchvision.<model>`, or a user class/factory `pkg.module:Name`."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments for the model constructor."""
+    num_classes: Optional[int] = None
+    """Output classes; defaults to the dataset's class count for classification data."""
+    weights: Optional[str] = None
+    """torchvision weights name (e.g. IMAGENET1K_V1); downloaded by torchvision."""
+    init_from: Optional[str] = None
+    """fsspec URL of a state_dict (.pt/.pth), .safetensors file or runner checkpoint to start from."""
+    strict: bool = True
+    """With init_from: fail on missing/unexpected keys instead of loading what matches."""
+    trust_pickle: bool = False
+    """With init_from: allow a whole pickled model (runs code from the file; only for files you made)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    """`digits`, `csv`, `imagefolder`, `synthetic`, `torchvision.<Dataset>`, or `pkg.module:factory`."""
+    args: dict = field(default_factory=dict)
+    """Dataset-specific options (path, columns, root, download, shape, augment, classes, …)."""
+    batch_size: int = 32
+    """Samples per step on each rank; the global batch is batch_size × world size."""
+    eval_batch_size: Optional[int] = None
+    """Per-rank batch size for evaluation; defaults to batch_size."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    shuffle: bool = True
+    """Shuffle the training set each epoch (order is a function of seed, epoch and world size)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "AdamW"
+    """Any torch.optim optimizer class name, or `pkg.module:Class`."""
+    lr: float = 1e-3
+    """Base learning rate."""
+    args: dict = field(default_factory=dict)
+    """Other optimizer keyword arguments (weight_decay, momentum, betas, …)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: Optional[str] = None
+    """Any torch.optim.lr_scheduler class name, or `pkg.module:Class`; none by default."""
+    args: dict = field(default_factory=dict)
+    """Scheduler keyword arguments (step_size, T_max, …)."""
+    interval: Literal["epoch", "step"] = "epoch"
+    """Step the scheduler after every epoch or after every optimizer step."""
+    monitor: str = "val_loss"
+    """Metric passed to ReduceLROnPlateau."""
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    metric: Optional[str] = None
+    """Metric to watch (e.g. val_loss, val_acc); none disables early stopping."""
+    patience: int = 3
+    """Epochs without improvement before stopping."""
+    mode: Literal["min", "max"] = "min"
+    """Whether smaller or larger is better."""
+    min_delta: float = 0.0
+    """Smallest change that counts as an improvement."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_epochs: int = 10
+    """Epochs to train."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps, even mid-epoch."""
+    loss: str = "cross_entropy"
+    """Loss: cross_entropy, mse, l1, smooth_l1, bce_with_logits, nll, or `pkg.module:Class`."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    precision: Literal["32", "bf16", "fp16"] = "32"
+    """Autocast dtype: bf16 works on CPU and GPU; fp16 (with a GradScaler) needs CUDA."""
+    seed: int = 0
+    """Seed for model init, data order and per-rank randomness."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA if available, else CPU."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop when a metric stops improving."""
+    progress: Literal["auto", "bar", "plain"] = "auto"
+    """auto: a progress bar on a terminal, one line per epoch otherwise."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """fsspec URL of the checkpoint store; defaults to <out_dir>/checkpoints."""
+    storage_options: dict = field(default_factory=dict)
+    """Passed to fsspec (e.g. endpoint_url for S3-compatible servers)."""
+    every_steps: Optional[int] = None
+    """Save every N optimizer steps."""
+    every_minutes: Optional[float] = None
+    """Save when this much wall time passed since the last save."""
+    every_epoch: bool = True
+    """Save at every epoch end."""
+    at_end: bool = True
+    """Save when training ends."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (0 keeps all)."""
+    keep_best: int = 0
+    """Also keep the best K by `metric`."""
+    metric: Optional[str] = None
+    """Metric ranking the best checkpoints (e.g. val_loss)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether smaller or larger `metric` is better."""
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    mode: str = "auto"
+    """auto: newest valid checkpoint if any; never: always start fresh; or a checkpoint URL."""
+    allow_world_size_change: bool = False
+    """Resume a checkpoint written with another world size (changes the data order)."""
+    allow_config_change: bool = False
+    """Resume even though the model or data config differ from the checkpoint's."""
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: NCCL when every rank has its own GPU, gloo otherwise."""
+    timeout_s: float = 300.0
+    """A collective that waits longer than this fails, turning a dead or hung peer into an error."""
+
+
+@dataclass(frozen=True)
+class PreemptionConfig:
+    grace_s: float = 25.0
+    """Time budget for the emergency checkpoint after a stop signal (torchrun kills after 30 s)."""
+    extra_signal: Optional[str] = "SIGUSR1"
+    """Another signal that requests a checkpoint-and-stop (SLURM's --signal), besides SIGTERM/SIGINT."""
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    epochs: Optional[int] = None
+    """Length of the phase in epochs; omit on the last phase to run to the end."""
+    train: list[str] = field(default_factory=lambda: ["all"])
+    """What trains: `head`, `all`, or dotted module names."""
+    lr_mult: dict = field(default_factory=dict)
+    """Learning-rate multiplier per module name (`head`, `backbone`, or a dotted name)."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    module: str = "fc"
+    """Dotted path of the layer to replace (fc, classifier.6, head)."""
+    num_classes: int = 10
+    """Outputs of the new layer."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    head: Optional[HeadConfig] = None
+    """Replace this layer with a fresh one after loading pretrained weights."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Freeze/unfreeze schedule; empty means everything trains throughout."""
+    freeze_bn: bool = True
+    """Keep BatchNorm of frozen modules in eval mode (running statistics unchanged)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """What to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """What to train on."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop settings."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Where and when to save."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Whether and from where to resume."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed settings (used under torchrun)."""
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Stop signals and the emergency checkpoint."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Transfer learning: new head and freeze/unfreeze phases."""
+    out_dir: Optional[str] = None
+    """Folder for the resolved config and metrics; defaults to runs/<job file name>."""
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.out_dir}/checkpoints"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a job file, apply `a.b=value` overrides, and validate into a RunConfig."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read job file ({e.strerror}); check the path") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the job file must be a mapping of keys (model:, data:, …)")
+    for item in overrides:
+        apply_override(raw, item, path)
+    raw.setdefault("out_dir", f"runs/{path.stem}")
+    return build(RunConfig, raw, path)
+
+
+def apply_override(raw: dict, item: str, source: Path | str) -> None:
+    """Set `a.b.c=value` in the raw dict; the value is parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override '{item}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text else None
+
+
+def build(cls, raw: Any, source: Path | str, prefix: str = ""):
+    """Convert a raw dict into dataclass `cls`, checking keys and types; errors name the dotted key."""
+    where = prefix.rstrip(".") or "top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    values = {k: convert(hints[k], v, source, f"{prefix}{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def convert(hint, value, source, key: str):
+    """Check/convert one value against its type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert(inner[0], value, source, key)
+    if value is None:
+        raise ConfigError(f"{source}: '{key}' must not be empty")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, key + ".")
+    if origin is Literal:
+        if str(value) not in [str(a) for a in args]:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(map(str, args))}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single name is a one-item list (train: head)
+        return [convert(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return value
+    return convert_scalar(hint, value, source, key)
+
+
+def convert_scalar(hint, value, source, key):
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        # YAML 1.1 reads "1e-3" as a string; accept it since users write learning rates that way.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{source}: '{key}' must be {name}, got {value!r}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def digest(section) -> str:
+    """Stable short hash of a config section; stored in checkpoints to detect incompatible resumes."""
+    text = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

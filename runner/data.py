@@ -1,0 +1,253 @@
+"""Datasets by name, the sharded resumable sampler, and data loaders.
+
+Data order is a pure function of (seed, epoch, world size). Randomness inside a sample (augmentation)
+is a pure function of (seed, epoch, sample index), whatever the worker count or resume position.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_worker_info
+
+from .config import DataConfig
+from .errors import ConfigError
+
+BUILTIN_DATASETS = ("digits", "csv", "imagefolder", "synthetic")
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset | None
+    num_classes: int | None  # None for regression
+    input_shape: tuple[int, ...]
+
+
+def build_datasets(cfg: DataConfig) -> Datasets:
+    args = dict(cfg.args)
+    builders = {"digits": digits, "csv": csv_table, "imagefolder": imagefolder, "synthetic": synthetic}
+    if cfg.name in builders:
+        builder = builders[cfg.name]
+    elif cfg.name.startswith("torchvision."):
+        builder = lambda **a: torchvision_dataset(cfg.name.removeprefix("torchvision."), **a)  # noqa: E731
+    elif ":" in cfg.name:
+        from .components import import_object
+        builder = import_object(cfg.name, "data.name")
+    else:
+        from .components import unknown
+        raise unknown("data.name", cfg.name, [*BUILTIN_DATASETS, "torchvision.<Dataset>"])
+    try:
+        result = builder(**args)
+    except TypeError as e:
+        raise ConfigError(f"data.args: {e}; check the options under data.args") from None
+    if isinstance(result, Datasets):
+        return result
+    train, val = result if isinstance(result, tuple) else (result, None)
+    return Datasets(train, val, infer_classes(train), tuple(train[0][0].shape))
+
+
+def infer_classes(ds) -> int | None:
+    """Class count of a user dataset: its `classes` attribute, or None (then set model.num_classes)."""
+    classes = getattr(ds, "classes", None)
+    return len(classes) if classes is not None else None
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train/val index split."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+class Augmented(Dataset):
+    """Random ±1 pixel shift and light noise; uses the global RNG, seeded per sample by SeededDataset."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        dx, dy = torch.randint(-1, 2, (2,)).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+        return x + 0.05 * torch.randn_like(x), y
+
+
+def digits(val_fraction: float = 0.2, split_seed: int = 0, classes: list[int] | None = None,
+           augment: bool = False, flatten: bool = False) -> Datasets:
+    """The 1,797 8×8 handwritten digits that ship inside scikit-learn (no download)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    if classes:
+        keep = torch.isin(y, torch.tensor(classes))
+        x, y = x[keep], y[keep]
+        y = torch.tensor([classes.index(int(v)) for v in y])  # labels become 0..len(classes)-1
+    if flatten:
+        x = x.reshape(len(x), -1)
+    train_idx, val_idx = split(len(x), val_fraction, split_seed)
+    train: Dataset = TensorDataset(x[train_idx], y[train_idx])
+    if augment:
+        train = Augmented(train)
+    num_classes = len(classes) if classes else 10
+    return Datasets(train, TensorDataset(x[val_idx], y[val_idx]), num_classes, tuple(x.shape[1:]))
+
+
+def synthetic(shape: list[int] = (1, 8, 8), num_classes: int = 10, size: int = 512, val_size: int = 128,
+              seed: int = 0) -> Datasets:
+    """Random inputs with a learnable label (argmax of a fixed random projection)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size + val_size, *shape, generator=g)
+    proj = torch.randn(math.prod(shape), num_classes, generator=g)
+    y = (x.reshape(len(x), -1) @ proj).argmax(1)
+    return Datasets(TensorDataset(x[:size], y[:size]), TensorDataset(x[size:], y[size:]), num_classes,
+                    tuple(shape))
+
+
+def csv_table(path: str, target: str, features: list[str] | None = None, task: str = "classification",
+              val_fraction: float = 0.2, split_seed: int = 0) -> Datasets:
+    """A CSV file with a header row: feature columns → float tensor, target column → label or value."""
+    import csv as csvlib
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            rows = list(csvlib.DictReader(f))
+    except (OSError, FileNotFoundError) as e:
+        raise ConfigError(f"data.args.path: cannot read CSV '{path}' ({e})") from None
+    if not rows or target not in rows[0]:
+        raise ConfigError(f"data.args.target: column '{target}' not in {path}; columns: {', '.join(rows[0]) if rows else 'none'}")
+    features = features or [c for c in rows[0] if c != target]
+    try:
+        x = torch.tensor([[float(r[c]) for c in features] for r in rows], dtype=torch.float32)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"data.args.features: {path} has a missing or non-numeric feature value ({e})") from None
+    if task == "classification":
+        labels = sorted({r[target] for r in rows})
+        y = torch.tensor([labels.index(r[target]) for r in rows])
+        num_classes = len(labels)
+    else:
+        y = torch.tensor([[float(r[target])] for r in rows])
+        num_classes = None
+    train_idx, val_idx = split(len(x), val_fraction, split_seed)
+    return Datasets(TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
+                    num_classes, (len(features),))
+
+
+def imagefolder(root: str, val_root: str | None = None, size: int = 224, augment: bool = False) -> Datasets:
+    """torchvision ImageFolder: one sub-folder per class; `val_root` the same layout for validation."""
+    from torchvision import datasets, transforms
+
+    if not Path(root).is_dir():
+        raise ConfigError(f"data.args.root: '{root}' is not a folder of class sub-folders")
+    norm = [transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    train_tf = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if augment else \
+        [transforms.Resize(size), transforms.CenterCrop(size)]
+    val_tf = [transforms.Resize(size), transforms.CenterCrop(size)]
+    train = datasets.ImageFolder(root, transforms.Compose(train_tf + norm))
+    val = datasets.ImageFolder(val_root, transforms.Compose(val_tf + norm)) if val_root else None
+    return Datasets(train, val, len(train.classes), (3, size, size))
+
+
+def torchvision_dataset(name: str, root: str = "data", download: bool = False, size: int | None = None):
+    """Any torchvision dataset class with the (root, train, download, transform) signature."""
+    from torchvision import datasets, transforms
+
+    cls = getattr(datasets, name, None)
+    if cls is None:
+        raise ConfigError(f"data.name: torchvision has no dataset '{name}'")
+    tf = transforms.Compose(([transforms.Resize(size)] if size else []) + [transforms.ToTensor()])
+    try:
+        train = cls(root, train=True, download=download, transform=tf)
+        val = cls(root, train=False, download=download, transform=tf)
+    except RuntimeError as e:  # torchvision says "Dataset not found. You can use download=True"
+        raise ConfigError(f"data: {name} not found under '{root}' ({e}); set data.args.download=true") from None
+    return Datasets(train, val, infer_classes(train), tuple(train[0][0].shape))
+
+
+class SeededDataset(Dataset):
+    """Seeds python/numpy/torch RNGs from (seed, epoch, index) around each sample.
+
+    Augmentation then does not depend on which worker loads a sample or where a resumed epoch starts.
+    In the main process (num_workers=0) the training RNG is restored afterwards, so it is untouched.
+    """
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        sample_seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF  # tuples of ints hash stably
+        if get_worker_info() is not None:
+            seed_all(sample_seed)
+            return self.base[index]
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        seed_all(sample_seed)
+        try:
+            return self.base[index]
+        finally:
+            torch.set_rng_state(saved[0]); random.setstate(saved[1]); np.random.set_state(saved[2])  # noqa: E702
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class ShardedSampler(Sampler[int]):
+    """Disjoint per-rank shards of a (seed, epoch)-shuffled order, startable at any position.
+
+    Training pads the order (repeating its start) so every rank takes the same number of steps; evaluation
+    does not pad, so no sample is counted twice.
+    """
+
+    def __init__(self, size: int, rank: int, world_size: int, seed: int, shuffle: bool, pad: bool):
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.seed, self.shuffle, self.pad = seed, shuffle, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start`: samples of this rank's shard already consumed (mid-epoch resume skips them unread)."""
+        self.epoch, self.start = epoch, start
+
+    def shard(self) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad:
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            order += order[: total - self.size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self.shard()[self.start :])
+
+    def __len__(self):
+        return max(0, len(self.shard()) - self.start)
+
+
+def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      worker_init_fn=ignore_stop_signals if num_workers else None)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave shutdown to the main process, so a SIGTERM to the group cannot kill them mid-save."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

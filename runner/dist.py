@@ -1,0 +1,130 @@
+"""torchrun environment → process group, device, DDP wrapper, and the few collectives the loop needs.
+
+Without torchrun's environment (no WORLD_SIZE) nothing is initialized: world size 1, plain calls.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import DistConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or tdist.is_initialized()
+
+
+def setup(cfg: DistConfig, device: str) -> DistEnv:
+    """Initialize from torchrun's variables; choose the device and backend."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if "WORLD_SIZE" in os.environ and not tdist.is_initialized():
+        backend = pick_backend(cfg.backend, dev)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        tdist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            device_id=dev if backend == "nccl" else None,
+        )
+    return DistEnv(rank, local_rank, world_size, dev)
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        if choice == "cuda":
+            raise ConfigError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                              "lower --nproc-per-node or use train.device=cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def pick_backend(choice: str, device: torch.device) -> str:
+    if choice == "nccl" and device.type != "cuda":
+        raise ConfigError("dist.backend is 'nccl' but this rank has no GPU; use 'auto' or 'gloo'")
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return choice
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DDP over the parameters that require grad *now*; call again when that set changes."""
+    if not env.distributed:
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("nothing to train: every parameter is frozen in this phase (finetune.phases)")
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def all_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum floats over ranks (in float64 so sums of per-sample losses stay exact-ish)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if env.distributed:
+        t = t.to(env.device) if env.device.type == "cuda" else t
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
+    """For each flag: true on every rank if it is true on any rank — how ranks agree on control flow."""
+    return [v > 0 for v in all_max([float(f) for f in flags], env)]
+
+
+def all_max(values: list[float], env: DistEnv) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if env.distributed:
+        t = t.to(env.device) if env.device.type == "cuda" else t
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def broadcast(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank (plain Python objects)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj, env: DistEnv) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    tdist.all_gather_object(out, obj)
+    return out

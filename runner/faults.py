@@ -1,0 +1,37 @@
+"""Test-only fault hooks, off unless their environment variable is set (the fault-tolerance tests use them).
+
+RUNNER_TEST_FAIL_AT_STEP="STEP[:RANK]"   raise after optimizer step STEP on RANK (default 0)
+RUNNER_TEST_HANG_AT_STEP="STEP[:RANK]"   sleep forever after that step (a hung peer)
+RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
+                                          (so a restarted job does not fail again)
+RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in checkpoint.py: pause between data files and manifest
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def inject_fault(step: int, env) -> None:
+    for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang")):
+        spec = os.environ.get(var)
+        if not spec:
+            continue
+        at, _, rank = spec.partition(":")
+        if step != int(at) or env.rank != int(rank or 0) or not _first_time():
+            continue
+        if action == "fail":
+            raise RuntimeError(f"injected test fault at step {step} on rank {env.rank} ({var})")
+        while True:
+            time.sleep(3600)
+
+
+def _first_time() -> bool:
+    marker = os.environ.get("RUNNER_TEST_FAULT_ONCE")
+    if not marker:
+        return True
+    if Path(marker).exists():
+        return False
+    Path(marker).touch()
+    return True

@@ -1,0 +1,59 @@
+"""What a run tells the user: log lines, a progress bar on terminals, metrics.jsonl. Rank 0 only."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def log(message: str, env=None) -> None:
+    """One line on stdout from rank 0; other ranks stay quiet."""
+    if env is None or env.is_main:
+        print(f"[runner] {message}", flush=True)
+
+
+def warn(message: str, env=None) -> None:
+    """Warnings come from any rank, tagged with it."""
+    tag = f"rank {env.rank}: " if env is not None and env.world_size > 1 else ""
+    print(f"[runner] WARNING: {tag}{message}", file=sys.stderr, flush=True)
+
+
+class ProgressBar:
+    """A single updating line with rate and ETA, only when stdout is a terminal."""
+
+    def __init__(self, enabled: bool, total: int, epoch: int, max_epochs: int, start: int = 0):
+        self.enabled, self.total, self.done = enabled, total, start
+        self.label = f"epoch {epoch + 1}/{max_epochs}"
+        self.t0, self.start = time.monotonic(), start
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        filled = int(24 * self.done / max(self.total, 1))
+        bar = "=" * filled + ">" + " " * (24 - filled)
+        sys.stdout.write(f"\r{self.label} [{bar[:25]}] {self.done}/{self.total} "
+                         f"{rate:.1f} it/s ETA {eta:4.0f}s loss {loss:.4f}  ")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def format_epoch(metrics: dict) -> str:
+    parts = [f"epoch {metrics['epoch'] + 1}", f"step {metrics['step']}"]
+    for key, value in metrics.items():
+        if key not in ("epoch", "step"):
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " ".join(parts)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the (checkpointed) history, so a resumed run's file has no duplicates."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(m) + "\n" for m in history))

@@ -1,0 +1,99 @@
+"""Everything that must survive a restart, as plain containers of tensors (loads with weights_only=True)."""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import dist
+from .dist import DistEnv
+from .errors import CheckpointError
+
+
+@dataclass
+class Progress:
+    epoch: int = 0               # current epoch, 0-based
+    batch_in_epoch: int = 0      # micro-batches this rank consumed in the current epoch
+    step: int = 0                # optimizer steps done
+    history: list = field(default_factory=list)  # one metrics dict per finished epoch
+    best: float | None = None    # early stopping: best value of the watched metric
+    bad_epochs: int = 0          # early stopping: epochs since it improved
+    finished: bool = False       # training reached its end; a restart has nothing to do
+
+    def samples_in_epoch(self, batch_size: int, world_size: int) -> int:
+        return self.batch_in_epoch * batch_size * world_size
+
+
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and plain containers."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(model, optimizer, scheduler, scaler, progress: Progress, sums: list[float],
+            env: DistEnv) -> bytes | None:
+    """Serialize the training state; every rank must call (per-rank parts are gathered); rank 0 gets the bytes.
+
+    Per rank: RNG states and the running metric sums of the epoch, so a resumed rank continues exactly.
+    The bytes are the snapshot: training may go on while they are written.
+    """
+    ranks = dist.gather({"rng": rng_state(), "sums": list(sums)}, env)
+    if not env.is_main:
+        return None
+    state = {
+        "model": dist.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "ranks": ranks,
+        "progress": asdict(progress),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def load_bytes(data: bytes, source: str) -> dict:
+    """Never executes code from the file: only tensors and plain containers are accepted."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — torch raises UnpicklingError, RuntimeError, EOFError…
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source}: refused to load state.pt ({first}); it is damaged or holds "
+                              "pickled Python objects, which runner never loads") from None
+
+
+def restore(state: dict, model, optimizer, scheduler, scaler, env: DistEnv) -> tuple[Progress, list[float]]:
+    """Load a captured state into freshly built objects; each rank takes its own RNG state and sums."""
+    dist.unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"] is not None and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    ranks = state["ranks"]
+    if env.rank >= len(ranks):  # world size grew (allowed explicitly): new ranks keep their fresh seeds
+        return Progress(**state["progress"]), [0.0, 0.0, 0.0]
+    set_rng_state(ranks[env.rank]["rng"])
+    return Progress(**state["progress"]), list(ranks[env.rank]["sums"])
