@@ -112,6 +112,11 @@ def all_max(values: list[float], env: DistEnv) -> list[float]:
     return t.cpu().tolist()
 
 
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        tdist.barrier()
+
+
 def broadcast(obj, env: DistEnv):
     """Rank 0's `obj` on every rank (plain Python objects)."""
     if not env.distributed:

@@ -108,6 +108,7 @@ def run(job: Job) -> int:
             break
     if not job.checkpointer.wait():
         warn("the final checkpoint was not saved; see the error above", env)
+    dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
     log(f"done: {progress.step} steps, {progress.epoch} epochs", env)
     return 0
 

@@ -1,0 +1,300 @@
+"""Transfer learning: pretrained weights from any fsspec URL, a fresh head, and a plan of phases saying which
+modules train per epoch and at what LR multiplier. What trains is a pure function of (plan, epoch), so a resumed
+run freezes what the original froze; optimizer groups are built once and a phase change only rescales LRs."""
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import fsspec
+import safetensors.torch
+import torch
+from torch import nn
+
+from runner.errors import CheckpointError, ConfigError
+
+KEYWORDS = ("all", "head", "backbone")  # "backbone" = every parameter not under the head
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added to state_dict keys by DDP and torch.compile
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of a fine-tune plan."""
+    epochs: int | None  # length in epochs; None = until the run ends (last phase only)
+    train: tuple[str, ...] = ("all",)  # "all", "head", "backbone" or dotted module names
+    lr_mult: dict[str, float] = field(default_factory=dict)  # module/"head"/"backbone"/"all" → multiplier
+
+    def __post_init__(self):
+        # YAML gives lists or a bare string; a tuple keeps phases comparable and printable alike
+        object.__setattr__(self, "train", (self.train,) if isinstance(self.train, str) else tuple(self.train))
+        object.__setattr__(self, "lr_mult", dict(self.lr_mult))
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _names(keys: Iterable[str], limit: int = 5) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more if keys else "none"
+
+
+def _module(model: nn.Module, path: str, where: str = "") -> nn.Module:
+    if path:
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(path)
+    top = ", ".join(name for name, _ in model.named_children()) or "none"
+    raise ConfigError(f"{where}{': ' if where else ''}model has no module '{path}'; top-level modules: {top}")
+
+
+def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
+    """The weights file's bytes; a runner checkpoint directory stands for its state.pt."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if fs.isdir(path):
+            path = path.rstrip("/")
+            if not fs.exists(f"{path}/MANIFEST.json"):
+                raise CheckpointError(f"{url} is a directory but not a committed runner checkpoint "
+                                      "(no MANIFEST.json); point at a weights file or a step-N directory")
+            path = f"{path}/state.pt"
+        with fs.open(path, "rb") as f:
+            return f.read(), path
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot read pretrained weights {url} ({_one_line(err)}); "
+                              "check the URL and storage_options") from None
+
+
+def _torch_load(data: bytes, url: str, trust_pickle: bool) -> object:
+    try:  # weights_only refuses to import anything, so a refused file has run no code
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
+    except Exception as err:
+        # the class or function the pickle wanted to import, as torch's refusal names it
+        found = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{url} contains a pickled Python object ({found.group(1)}), e.g. a whole model saved with "
+                "torch.save(model), and loading it could run arbitrary code; convert it in the environment "
+                "that made it with torch.save(model.state_dict(), path), or pass trust_pickle=True if you "
+                "trust its source") from None
+        raise CheckpointError(f"cannot load {url} with torch.load ({_one_line(err)}); expected a safetensors, "
+                              "state_dict or runner checkpoint file") from None
+
+
+def _state_dict_of(obj: object, url: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), (Mapping, nn.Module)):
+        obj = obj["model"]  # a runner checkpoint: model weights sit next to optimizer, RNG, progress...
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise CheckpointError(f"{url} holds a {type(obj).__name__} that is neither a state_dict (name → tensor) "
+                          "nor a checkpoint with a 'model' key; save model.state_dict() instead")
+
+
+def _decode(data: bytes, path: str, url: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    # safetensors: 8-byte header length, then a JSON header; torch.save files are zips ("PK")
+    if path.endswith(".safetensors") or (data[8:9] == b"{" and not data.startswith(b"PK")):
+        try:
+            return safetensors.torch.load(data)
+        except Exception as err:
+            raise CheckpointError(f"{url} is not a valid safetensors file ({_one_line(err)})") from None
+    return _state_dict_of(_torch_load(data, url, trust_pickle), url)
+
+
+def _strip_prefixes(weights: dict, model_keys: Sequence[str]) -> dict:
+    for prefix in _WRAPPER_PREFIXES * 2:  # twice: wrappers nest in either order
+        if any(k.startswith(prefix) for k in weights) and not any(k.startswith(prefix) for k in model_keys):
+            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+    return weights
+
+
+def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None = None,
+                    strict: bool = True, trust_pickle: bool = False) -> str:
+    """Load weights from a safetensors file, a state_dict .pt/.pth, or a runner checkpoint (file or
+    step-N directory) into `model`; returns a one-line report of what was loaded."""
+    data, path = _read(url, storage_options)
+    own = model.state_dict()
+    weights = _strip_prefixes(_decode(data, path, url, trust_pickle), list(own))
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [f"{k} {tuple(weights[k].shape)}→{tuple(v.shape)}"
+                  for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if strict and (missing or unexpected or mismatched):
+        raise CheckpointError(
+            f"{url} does not match the model: missing {_names(missing)}; unexpected {_names(unexpected)}; "
+            f"shape mismatch {_names(mismatched)}; replace the head or load non-strict (strict=False)")
+    matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(matching, strict=False)
+    report = (f"loaded {len(matching)}/{len(own)} tensors from {url}; missing: {_names(missing)}; "
+              f"unexpected: {_names(unexpected)}")
+    return report + (f"; skipped (shape): {_names(mismatched)}" if mismatched else "")
+
+
+def replace_head(model: nn.Module, module_path: str, num_classes: int) -> None:
+    """Swap the classifier at `module_path` for a fresh one with `num_classes` outputs."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes for head '{module_path}' must be a positive integer, got {num_classes!r}")
+    old = _module(model, module_path)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d) and old.kernel_size == (1, 1):
+        new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+    else:
+        inner = [name for name, m in old.named_modules() if isinstance(m, nn.Linear)]
+        hint = f"; did you mean '{module_path}.{inner[-1]}'?" if inner else ""
+        raise ConfigError(f"head '{module_path}' is a {type(old).__name__}, not an nn.Linear or 1x1 nn.Conv2d{hint}")
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, name = module_path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)
+
+
+def phase_at(phases: Sequence[Phase], epoch: int) -> int:
+    """Index of the phase that 0-based `epoch` falls in; -1 when there is no plan."""
+    end = 0
+    for index, phase in enumerate(phases):
+        if phase.epochs is None:
+            return index
+        end += phase.epochs
+        if epoch < end:
+            return index
+    return len(phases) - 1  # past a finite plan the last phase goes on (-1 for an empty plan)
+
+
+def phase_span(phases: Sequence[Phase], index: int) -> tuple[int, int | None]:
+    """[start, end) epochs of phase `index`; end None for the last phase, which lasts to the end."""
+    start = sum(p.epochs or 0 for p in phases[:index])
+    return start, None if index == len(phases) - 1 else start + phases[index].epochs
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _selected(name: str, keys: Iterable[str], head: str | None) -> bool:
+    """Does the parameter or module `name` fall under any of the phase's `keys`?"""
+    in_head = head is not None and _under(name, head)
+    return any(key == "all" or (key == "head" and in_head) or (key == "backbone" and not in_head)
+               or (key not in KEYWORDS and _under(name, key)) for key in keys)
+
+
+def _check_keys(model: nn.Module, keys: Iterable[str], head: str | None, where: str) -> None:
+    for key in keys:
+        if key in ("head", "backbone") and head is None:
+            raise ConfigError(f"{where}: '{key}' needs finetune.head.module, the classifier's dotted path (e.g. fc)")
+        if key not in KEYWORDS:
+            _module(model, key, where)
+
+
+def validate_plan(model: nn.Module, phases: Sequence[Phase], head: str | None) -> None:
+    """Check every phase against the model once, before training starts."""
+    if head is not None:
+        _module(model, head, "finetune.head.module")
+    for i, phase in enumerate(phases):
+        where = f"finetune.phases[{i}]"
+        counted = isinstance(phase.epochs, int) and not isinstance(phase.epochs, bool) and phase.epochs > 0
+        if not counted and (phase.epochs is not None or i != len(phases) - 1):
+            raise ConfigError(f"{where}.epochs: {phase.epochs!r} must be a positive integer; only the last "
+                              "phase may omit it to run until the end")
+        if not phase.train:
+            raise ConfigError(f"{where}.train: empty; list 'all', 'head', 'backbone' or module names")
+        _check_keys(model, phase.train, head, f"{where}.train")
+        _check_keys(model, phase.lr_mult, head, f"{where}.lr_mult")
+        for key, mult in phase.lr_mult.items():
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < float("inf"):
+                raise ConfigError(f"{where}.lr_mult.{key}: {mult!r} must be a number > 0; to stop a module "
+                                  "learning, leave it out of this phase's train list instead")
+
+
+def _train_keys(phases: Sequence[Phase], index: int) -> tuple[str, ...]:
+    return phases[index].train if phases and index >= 0 else ("all",)
+
+
+def _set_bn_modes(model: nn.Module, keys: Iterable[str], head: str | None, freeze_bn: bool) -> None:
+    # a frozen BatchNorm must also stop updating its running statistics, or the backbone still drifts
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(model.training and not (freeze_bn and not _selected(name, keys, head)))
+
+
+def apply_phase(model: nn.Module, phases: Sequence[Phase], index: int, head: str | None, freeze_bn: bool = True):
+    """Set requires_grad (and BatchNorm modes) for phase `index`; index -1 = everything trains."""
+    keys = _train_keys(phases, index)
+    if phases and index >= 0:
+        _check_keys(model, keys, head, f"finetune.phases[{index}].train")
+    # a tied parameter trains if any of its names is selected
+    trains = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if _selected(name, keys, head)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trains)
+    _set_bn_modes(model, keys, head, freeze_bn)
+
+
+def set_train_mode(model: nn.Module, phases: Sequence[Phase], index: int, head: str | None, freeze_bn: bool = True):
+    """model.train(), keeping the phase's frozen BatchNorm modules in eval mode."""
+    model.train()
+    _set_bn_modes(model, _train_keys(phases, index), head, freeze_bn)
+
+
+def param_groups(model: nn.Module, phases: Sequence[Phase], head: str | None) -> list[dict]:
+    """Optimizer groups over all parameters, fine enough that every phase's multipliers are uniform
+    within each group: one per module named in any lr_mult (most specific path wins), "head", "rest"."""
+    if not phases:
+        return [{"params": list(model.parameters()), "name": "all", "path": None, "lr_mult": 1.0}]
+    validate_plan(model, phases, head)
+    names = {head: "head"} if head is not None else {}  # module path → group name
+    for key in (key for phase in phases for key in phase.lr_mult if key not in KEYWORDS):
+        names.setdefault(key, key)
+    members: dict[str, list] = {name: [] for name in [*sorted(set(names.values()) - {"head"}), "head", "rest"]}
+    for pname, p in model.named_parameters():
+        owner = max((path for path in names if _under(pname, path)), key=len, default=None)
+        members[names[owner] if owner is not None else "rest"].append(p)
+    paths = {name: path for path, name in names.items()}
+    return [{"params": ps, "name": name, "path": paths.get(name), "lr_mult": 1.0}
+            for name, ps in members.items() if ps]
+
+
+def _group_mult(phase: Phase, path: str | None, head: str | None) -> float:
+    """The multiplier for the group at module `path` (None = rest): the most specific key wins."""
+    best, best_rank = 1.0, -3
+    for key, mult in phase.lr_mult.items():
+        target = head if key == "head" else key
+        if key == "all":
+            rank = -2
+        elif key == "backbone":
+            rank = -1 if path is None or head is None or not _under(path, head) else -4
+        else:
+            rank = len(target) if path is not None and target is not None and _under(path, target) else -4
+        if rank > best_rank:
+            best, best_rank = mult, rank
+    return best
+
+
+def apply_lr_mults(optimizer: torch.optim.Optimizer, scheduler, phases: Sequence[Phase], index: int) -> None:
+    """Rescale each group's LR from its stored multiplier to phase `index`'s; a no-op when they agree,
+    so it is idempotent and does nothing after a resume that restored optimizer and scheduler."""
+    groups = optimizer.param_groups
+    head = next((g.get("path") for g in groups if g.get("name") == "head"), None)
+    for i, group in enumerate(groups):
+        new = _group_mult(phases[index], group.get("path"), head) if phases and index >= 0 else 1.0
+        if not new > 0:
+            raise ConfigError(f"finetune.phases[{index}].lr_mult: {new!r} for group '{group.get('name')}' "
+                              "must be > 0; leave the module out of the phase's train list instead")
+        if new == group.get("lr_mult", 1.0):
+            continue
+        factor = new / group.get("lr_mult", 1.0)
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):  # the last three: schedulers' anchors (OneCycleLR)
+            if key in group:
+                group[key] *= factor
+        # closed-form schedules compute from these lists; SequentialLR's children keep their own
+        for sched in [] if scheduler is None else [scheduler, *getattr(scheduler, "_schedulers", [])]:
+            for attr in ("base_lrs", "max_lrs"):
+                values = getattr(sched, attr, None)
+                if isinstance(values, list) and i < len(values):
+                    values[i] *= factor
+        group["lr_mult"] = new
