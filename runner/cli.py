@@ -33,6 +33,12 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("job", help="job YAML file")
         c.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
         c.set_defaults(func=func)
+    exp = sub.add_parser("export", help="write trained weights for inference: .pt state_dict, .safetensors, .onnx")
+    exp.add_argument("job", help="job YAML file (builds the model)")
+    exp.add_argument("out", help="output file; the suffix picks the format (.pt, .pth, .safetensors, .onnx)")
+    exp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    exp.add_argument("--checkpoint", help="checkpoint URL (default: the newest valid one of the job)")
+    exp.set_defaults(func=cmd_export)
     ckpt = sub.add_parser("ckpt", help="list, verify and inspect checkpoints").add_subparsers(dest="action",
                                                                                               required=True)
     for name, func, what in (("ls", cmd_ckpt_ls, "checkpoint directory (store)"),
@@ -61,24 +67,51 @@ def cmd_train(args) -> int:
     return train(load_job(args))
 
 
-def cmd_summary(args) -> int:
+def model_from_job(cfg):
+    """The job's model as training builds it (new head included) and a 2-sample input batch."""
     import torch
 
     from .components import build_model
     from .data import build_datasets
-    from .finetune import Phase, replace_head
-    from .summary import summarize
+    from .finetune import replace_head
 
-    cfg = load_job(args)
     torch.manual_seed(cfg.train.seed)
     data = build_datasets(cfg.data)
     model = build_model(cfg.model, data.num_classes, data.input_shape)
-    head = cfg.finetune.head
-    if head:
-        replace_head(model, head.module, head.num_classes)
-    phases = [Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    if cfg.finetune.head:
+        replace_head(model, cfg.finetune.head.module, cfg.finetune.head.num_classes)
     example = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
+    return model, example
+
+
+def cmd_summary(args) -> int:
+    from .finetune import Phase
+    from .summary import summarize
+
+    cfg = load_job(args)
+    model, example = model_from_job(cfg)
+    phases = [Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    head = cfg.finetune.head
     print(summarize(model, example, phases or None, head.module if head else None))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import CheckpointStore
+    from .export import export
+    from .finetune import load_pretrained
+
+    cfg = load_job(args)
+    model, example = model_from_job(cfg)
+    url = args.checkpoint
+    if url is None:
+        info = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.storage_options).latest_valid()
+        if info is None:
+            raise ConfigError(f"export: no valid checkpoint in {cfg.checkpoint_dir}; train first or pass --checkpoint")
+        url = info.url
+    load_pretrained(model, url, storage_options=cfg.checkpoint.storage_options)
+    fmt = export(model, example, args.out)
+    print(f"exported {url} to {args.out} ({fmt})")
     return 0
 
 
