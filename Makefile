@@ -2,22 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision pinned to the builds this project is tested with (they install from the local wheel cache here).
+# torch/torchvision pinned to the builds this project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
-$(BIN)/runner: pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-demo: $(BIN)/runner
-	$(BIN)/runner train examples/digits.yaml
+# The demo is what runner is for: distributed training (2 CPU processes, gloo) that survives restarts.
+demo: $(VENV)/.installed
+	$(BIN)/torchrun --standalone --nproc-per-node=2 -m runner train examples/digits.yaml
 
-test: $(BIN)/runner
+test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.dev
+	$(BIN)/python benchmarks/checkpoint_bench.py
 
 clean:
 	rm -rf $(VENV) runs
