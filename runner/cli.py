@@ -62,9 +62,10 @@ def load_job(args):
 
 
 def cmd_train(args) -> int:
+    cfg = load_job(args)  # before importing the loop, so a typo in the job file is reported at once
     from .loop import train
 
-    return train(load_job(args))
+    return train(cfg)
 
 
 def model_from_job(cfg):

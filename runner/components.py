@@ -74,8 +74,18 @@ def build_model(cfg: ModelConfig, num_classes: int | None, input_shape: tuple[in
     if cfg.name.startswith("torchvision."):
         return torchvision_model(cfg, classes)
     if ":" in cfg.name:
-        return call(import_object(cfg.name, "model.name"), cfg.args, "model.args")
+        factory, args = import_object(cfg.name, "model.name"), dict(cfg.args)
+        if classes is not None and takes(factory, "num_classes"):
+            args.setdefault("num_classes", classes)  # like torchvision models; explicit args win
+        return call(factory, args, "model.args")
     raise unknown("model.name", cfg.name, [*BUILTIN_MODELS, "torchvision.<model>"])
+
+
+def takes(factory, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def torchvision_model(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
@@ -84,7 +94,7 @@ def torchvision_model(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
     name = cfg.name.removeprefix("torchvision.")
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise unknown("model.name", name, [f"torchvision.{m}" for m in available])
+        raise unknown("model.name", cfg.name, [f"torchvision.{m}" for m in available])
     args = dict(cfg.args)
     if cfg.weights:
         # Pretrained heads have the original class count; finetune.head swaps in a new one.
@@ -95,6 +105,13 @@ def torchvision_model(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
         return torchvision.models.get_model(name, **args)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"model: torchvision.{name} rejected its arguments ({e})") from None
+    except OSError as e:  # urllib's URLError (no network, proxy, DNS) or a disk error while downloading
+        if not cfg.weights:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model.weights: downloading {cfg.weights} weights for torchvision.{name} failed "
+                          f"({type(e).__name__}: {first}); check the network, or fetch the file where there is "
+                          "one and set model.init_from to it (state_dict .pth) instead of model.weights") from None
 
 
 def build_loss(name: str) -> nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,10 +192,10 @@ class SeededDataset(Dataset):
     def __getitem__(self, index):
         sample_seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF  # tuples of ints hash stably
         if get_worker_info() is not None:
-            seed_all(sample_seed)
+            seed_cpu(sample_seed)
             return self.base[index]
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        seed_all(sample_seed)
+        seed_cpu(sample_seed)
         try:
             return self.base[index]
         finally:
@@ -205,6 +206,14 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_cpu(seed: int) -> None:
+    """seed_all without CUDA: samples are made on the CPU, and torch.manual_seed would also reseed the
+    CUDA generator (which __getitem__ does not restore) and format a stack trace per call (~1 ms)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
 
 
 class ShardedSampler(Sampler[int]):
@@ -241,13 +250,34 @@ class ShardedSampler(Sampler[int]):
 
 
 def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      worker_init_fn=ignore_stop_signals if num_workers else None)
+    # Its own generator: every new iterator draws a base seed from it, and drawing from the global RNG would
+    # shift dropout after a mid-epoch resume (one more iterator than the uninterrupted run). SeededDataset
+    # reseeds each sample, so the workers' base seeds do not affect the data.
+    return ShieldedLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                          worker_init_fn=ignore_stop_signals if num_workers else None, generator=torch.Generator())
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class ShieldedLoader(DataLoader):
+    """Forks its workers with the stop signals blocked, so that no worker can die of a group-wide SIGTERM
+    before ignore_stop_signals runs (in between, torch's worker handler would kill it, and the main process
+    would fail with "DataLoader worker exited unexpectedly" instead of saving)."""
+
+    def __iter__(self):
+        if not self.num_workers:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # this thread only; forks inherit it
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that arrived meanwhile is delivered now
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
     """Workers leave shutdown to the main process, so a SIGTERM to the group cannot kill them mid-save."""
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # inherited from the main process (its preemption watchdog); not ours to wake
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

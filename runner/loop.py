@@ -21,7 +21,7 @@ from .config import RunConfig, digest, dump_yaml, to_dict
 from .data import Datasets, SeededDataset, ShardedSampler, build_datasets, make_loader, seed_all
 from .dist import DistEnv
 from .errors import CheckpointError, ConfigError
-from .faults import inject_fault
+from .faults import dump_weights, inject_fault
 from .metrics import ProgressBar, format_epoch, log, warn, write_history
 from .saving import Checkpointer
 from .state import Progress, capture, load_bytes, restore
@@ -49,9 +49,15 @@ class Job:
 def train(cfg: RunConfig) -> int:
     """Entry point: set up, run, and always release the process group. Returns the exit status."""
     env = dist.setup(cfg.dist, cfg.train.device)
-    handlers = preemption.install(cfg.preemption.extra_signal)
+    handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
+    job = None
     try:
-        return run(build_job(cfg, env))
+        job = build_job(cfg, env)
+        return run(job)
+    except BaseException:
+        if job is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
+            job.checkpointer.wait(cfg.preemption.grace_s)
+        raise
     finally:
         preemption.uninstall(handlers)
         dist.teardown()
@@ -61,14 +67,15 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_datasets(cfg.data)
     model = build_model(cfg.model, data.num_classes, data.input_shape)
+    head = cfg.finetune.head.module if cfg.finetune.head else None
+    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    finetune.validate_plan(model, phases, head)  # first: a misnamed module fails naming its key, before any load
     if cfg.model.init_from:
         log(finetune.load_pretrained(model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
-                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle), env)
-    head = cfg.finetune.head.module if cfg.finetune.head else None
+                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
+                                     new_head=head), env)
     if cfg.finetune.head:
         finetune.replace_head(model, head, cfg.finetune.head.num_classes)
-    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
-    finetune.validate_plan(model, phases, head)
     model.to(env.device)
     optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
@@ -99,7 +106,7 @@ def run(job: Job) -> int:
         outcome = train_epoch(job, loader, progress, sums)
         if outcome == PREEMPTED:
             return emergency_save(job, progress, sums)
-        stop_early = outcome == EPOCH_END and end_epoch(job, progress, sums)
+        stop_early = end_epoch(job, progress, sums, complete=outcome == EPOCH_END)
         progress.finished = (outcome == MAX_STEPS or stop_early or progress.epoch >= cfg.train.max_epochs
                              or reached_max_steps(cfg, progress))
         if (outcome == EPOCH_END and cfg.checkpoint.every_epoch) or (progress.finished and cfg.checkpoint.at_end):
@@ -109,6 +116,7 @@ def run(job: Job) -> int:
     if not job.checkpointer.wait():
         warn("the final checkpoint was not saved; see the error above", env)
     dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
+    dump_weights(job.model, env)
     log(f"done: {progress.step} steps, {progress.epoch} epochs", env)
     return 0
 
@@ -130,6 +138,8 @@ def train_epoch(job: Job, loader, progress: Progress, sums: list[float]) -> str:
         progress.step += 1
         if job.scheduler is not None and cfg.scheduler.interval == "step":
             job.scheduler.step()
+        if env.is_main:
+            record_step(cfg, progress.step)
         inject_fault(progress.step, env)
         stop, save_now = dist.any_rank([preemption.requested() is not None, job.checkpointer.due(progress.step)], env)
         if stop:
@@ -181,8 +191,12 @@ def autocast(job: Job):
     return torch.autocast(job.env.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def end_epoch(job: Job, progress: Progress, sums: list[float]) -> bool:
-    """Reduce train metrics, evaluate, record history, step the epoch scheduler; True → stop early."""
+def end_epoch(job: Job, progress: Progress, sums: list[float], complete: bool) -> bool:
+    """Reduce train metrics, evaluate, record history, step the epoch scheduler; True → stop early.
+
+    Also called when max_steps ends an epoch early (complete=False): the run's last weights get evaluated,
+    and the position stays where training stopped.
+    """
     cfg, env = job.cfg, job.env
     loss_sum, correct, count = dist.all_sum(sums, env)
     metrics = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(count, 1)}
@@ -194,8 +208,8 @@ def end_epoch(job: Job, progress: Progress, sums: list[float]) -> bool:
     if job.scheduler is not None and cfg.scheduler.interval == "epoch":
         step_epoch_scheduler(job, metrics)
     progress.history.append(metrics)
-    progress.epoch += 1
-    progress.batch_in_epoch = 0
+    if complete:
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     stop = early_stopping(cfg, progress, metrics)
     log(format_epoch(metrics) + (" — early stop" if stop else ""), env)
     if env.is_main:
@@ -307,15 +321,34 @@ def resume(job: Job) -> tuple[Progress, list[float]]:
     choice = job.checkpointer.find_resume(cfg.resume.mode) if env.is_main else None
     found = dist.broadcast(None if choice is None else (choice.url, choice.manifest), env)
     if found is None:
+        log("fresh start: no checkpoint to resume" + ("" if cfg.resume.mode == "never" else f" in {cfg.checkpoint_dir}"),
+            env)
         seed_all(hash((cfg.train.seed, env.rank)) & 0x7FFF_FFFF)  # per-rank randomness, reproducible
         return Progress(), [0.0, 0.0, 0.0]
     url, manifest = found
     check_compatible(cfg, env, manifest, url)
     state = load_bytes(job.checkpointer.store.read(url), url)
     progress, sums = restore(state, job.model, job.optimizer, job.scheduler, job.scaler, env)
+    job.checkpointer.last_committed = progress.step
+    lost = max(0, last_recorded_step(cfg) - progress.step)
     log(f"resuming from {url}: step {progress.step}, epoch {progress.epoch + 1}, "
-        f"batch {progress.batch_in_epoch} of the epoch", env)
+        f"batch {progress.batch_in_epoch} of the epoch; {lost} step(s) lost since that checkpoint", env)
     return progress, sums
+
+
+def record_step(cfg: RunConfig, step: int) -> None:
+    """Rank 0 notes the step reached, so the next start can say how many steps a kill cost."""
+    path = Path(cfg.out_dir) / "last_step"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(step))
+    tmp.replace(path)  # never a half-written number
+
+
+def last_recorded_step(cfg: RunConfig) -> int:
+    try:
+        return int((Path(cfg.out_dir) / "last_step").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def check_compatible(cfg: RunConfig, env: DistEnv, manifest: dict, url: str) -> None:
@@ -331,17 +364,26 @@ def check_compatible(cfg: RunConfig, env: DistEnv, manifest: dict, url: str) -> 
 
 
 def emergency_save(job: Job, progress: Progress, sums: list[float]) -> int:
-    """Stop requested: commit the step reached within the grace period, then exit 'preempted'."""
-    cfg, env = job.cfg, job.env
-    t0 = time.monotonic()
+    """Stop requested: commit the step reached within the grace period, then exit 'preempted'.
+
+    The grace period counts from the signal. Every rank returns rank 0's outcome (only rank 0 writes).
+    """
+    cfg, env, ckpt = job.cfg, job.env, job.checkpointer
+    t0, end = time.monotonic(), preemption.deadline(cfg.preemption.grace_s)
     log(f"{preemption.requested() or 'stop requested by another rank'}: saving step {progress.step} "
         "before exiting", env)
-    job.checkpointer.wait(cfg.preemption.grace_s)
-    save(job, progress, sums, attempts=1)
-    remaining = max(cfg.preemption.grace_s - (time.monotonic() - t0), 0.0)
-    if not job.checkpointer.wait(remaining):
-        warn(f"emergency checkpoint of step {progress.step} did not complete within preemption.grace_s="
-             f"{cfg.preemption.grace_s}; the last committed step is {job.checkpointer.last_committed}", env)
+    ckpt.wait(max(end - time.monotonic(), 0.0))  # a periodic write in flight finishes (or fails) first
+    # Still writing when the time is up: starting another save would block on it past the grace period.
+    if not dist.broadcast(ckpt.writer is not None, env):
+        save(job, progress, sums, attempts=1)
+        ckpt.wait(max(end - time.monotonic(), 0.0))
+    if not dist.broadcast(ckpt.last_committed == progress.step, env):
+        if env.is_main:
+            what = (f"did not complete within preemption.grace_s={cfg.preemption.grace_s:g}"
+                    if ckpt.writer is not None else "failed (see the error above)")
+            last = "none" if ckpt.last_committed is None else ckpt.last_committed
+            warn(f"emergency checkpoint of step {progress.step} {what}; the last committed step is {last}; "
+                 f"exiting with status {preemption.EMERGENCY_SAVE_FAILED_EXIT}", env)
         return preemption.EMERGENCY_SAVE_FAILED_EXIT
     log(f"preempted: step {progress.step} committed in {time.monotonic() - t0:.1f}s; exiting with status "
         f"{preemption.PREEMPTED_EXIT}; run the same command to resume", env)
@@ -358,6 +400,5 @@ def announce(job: Job, progress: Progress) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(text)
     log("resolved config:\n" + text.rstrip(), env)
-    log(f"{'fresh start' if progress.step == 0 else 'resume at step ' + str(progress.step)}; "
-        f"world size {env.world_size}, device {env.device}, global batch {cfg.data.batch_size * env.world_size} "
+    log(f"world size {env.world_size}, device {env.device}, global batch {cfg.data.batch_size * env.world_size} "
         f"({cfg.data.batch_size} per rank)", env)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -107,3 +108,13 @@ def ok(proc) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}"
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one intra-op thread: on a shared 2-core machine, more threads oversubscribe
+    the cores and a tiny job runs several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
