@@ -116,12 +116,16 @@ def _strip_prefixes(weights: dict, model_keys: Sequence[str]) -> dict:
 
 
 def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None = None,
-                    strict: bool = True, trust_pickle: bool = False) -> str:
+                    strict: bool = True, trust_pickle: bool = False, new_head: str | None = None) -> str:
     """Load weights from a safetensors file, a state_dict .pt/.pth, or a runner checkpoint (file or
-    step-N directory) into `model`; returns a one-line report of what was loaded."""
+    step-N directory) into `model`; returns a one-line report of what was loaded. `new_head`: the module
+    replace_head swaps out next; its keys are neither loaded nor checked (a 1000-class fc meets a 10-class one)."""
     data, path = _read(url, storage_options)
     own = model.state_dict()
     weights = _strip_prefixes(_decode(data, path, url, trust_pickle), list(own))
+    if new_head is not None:
+        weights = {k: v for k, v in weights.items() if not _under(k, new_head)}
+        own = {k: v for k, v in own.items() if not _under(k, new_head)}
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     mismatched = [f"{k} {tuple(weights[k].shape)}→{tuple(v.shape)}"
@@ -133,7 +137,7 @@ def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None 
     matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(matching, strict=False)
     report = (f"loaded {len(matching)}/{len(own)} tensors from {url}; missing: {_names(missing)}; "
-              f"unexpected: {_names(unexpected)}")
+              f"unexpected: {_names(unexpected)}") + (f"; new head: {new_head}" if new_head else "")
     return report + (f"; skipped (shape): {_names(mismatched)}" if mismatched else "")
 
 
