@@ -69,31 +69,24 @@ def cmd_train(args) -> int:
 
 
 def model_from_job(cfg):
-    """The job's model as training builds it (new head included) and a 2-sample input batch."""
+    """The job's model as training builds it (new head included, no pretrained load) and a 2-sample batch."""
     import torch
 
-    from .components import build_model
     from .data import build_datasets
-    from .finetune import replace_head
+    from .loop import build_finetune_model
 
     torch.manual_seed(cfg.train.seed)
     data = build_datasets(cfg.data)
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
-    if cfg.finetune.head:
-        replace_head(model, cfg.finetune.head.module, cfg.finetune.head.num_classes)
+    model, phases, head = build_finetune_model(cfg, data, load_weights=False)
     example = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
-    return model, example
+    return model, example, phases, head
 
 
 def cmd_summary(args) -> int:
-    from .finetune import Phase
     from .summary import summarize
 
-    cfg = load_job(args)
-    model, example = model_from_job(cfg)
-    phases = [Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
-    head = cfg.finetune.head
-    print(summarize(model, example, phases or None, head.module if head else None))
+    model, example, phases, head = model_from_job(load_job(args))
+    print(summarize(model, example, phases or None, head))
     return 0
 
 
@@ -103,7 +96,7 @@ def cmd_export(args) -> int:
     from .finetune import load_pretrained
 
     cfg = load_job(args)
-    model, example = model_from_job(cfg)
+    model, example, _, _ = model_from_job(cfg)
     url = args.checkpoint
     if url is None:
         info = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.storage_options).latest_valid()

@@ -157,7 +157,7 @@ class DistConfig:
 @dataclass(frozen=True)
 class PreemptionConfig:
     grace_s: float = 25.0
-    """Time budget for the emergency checkpoint after a stop signal (torchrun kills after 30 s)."""
+    """Seconds from a stop signal to the committed emergency checkpoint (exit 3 if not); below torchrun's 30 s."""
     extra_signal: Optional[str] = "SIGUSR1"
     """Another signal that requests a checkpoint-and-stop (SLURM's --signal), besides SIGTERM/SIGINT."""
 
@@ -250,7 +250,11 @@ def apply_override(raw: dict, item: str, source: Path | str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: override '{item}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                          "quote it for the shell, e.g. 'key=[1, 2]'") from None
 
 
 def build(cls, raw: Any, source: Path | str, prefix: str = ""):

@@ -117,6 +117,13 @@ def barrier(env: DistEnv) -> None:
         tdist.barrier()
 
 
+def broadcast_buffers(model: torch.nn.Module, env: DistEnv) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP does before each forward."""
+    if env.distributed:
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=0)
+
+
 def broadcast(obj, env: DistEnv):
     """Rank 0's `obj` on every rank (plain Python objects)."""
     if not env.distributed:

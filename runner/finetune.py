@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from runner.checkpoint import MANIFEST, CheckpointStore, open_checkpoint
 from runner.errors import CheckpointError, ConfigError
 
 KEYWORDS = ("all", "head", "backbone")  # "backbone" = every parameter not under the head
@@ -53,22 +54,25 @@ def _module(model: nn.Module, path: str, where: str = "") -> nn.Module:
 
 
 def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
-    """The weights file's bytes; a runner checkpoint directory stands for its state.pt."""
+    """The weights file's bytes. A runner checkpoint directory stands for its (verified) state.pt, and a
+    checkpoint store directory for its newest valid checkpoint."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if fs.isdir(path):
-            path = path.rstrip("/")
-            if not fs.exists(f"{path}/MANIFEST.json"):
-                raise CheckpointError(f"{url} is a directory but not a committed runner checkpoint "
-                                      "(no MANIFEST.json); point at a weights file or a step-N directory")
-            path = f"{path}/state.pt"
-        with fs.open(path, "rb") as f:
-            return f.read(), path
-    except CheckpointError:
-        raise
+        if not fs.isdir(path):
+            with fs.open(path, "rb") as f:
+                return f.read(), path
     except Exception as err:
         raise CheckpointError(f"cannot read pretrained weights {url} ({_one_line(err)}); "
                               "check the URL and storage_options") from None
+    if fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
+        store, info = open_checkpoint(url, storage_options)
+    else:
+        store = CheckpointStore(url, storage_options)
+        info = store.latest_valid()
+        if info is None:
+            raise CheckpointError(f"{url} is a directory with no committed runner checkpoint; point init_from "
+                                  "at a weights file, a step-N checkpoint or a checkpoint.dir")
+    return store.read(info), f"{info.url}/state.pt"
 
 
 def _torch_load(data: bytes, url: str, trust_pickle: bool) -> object:

@@ -66,16 +66,7 @@ def train(cfg: RunConfig) -> int:
 def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_datasets(cfg.data)
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
-    head = cfg.finetune.head.module if cfg.finetune.head else None
-    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
-    finetune.validate_plan(model, phases, head)  # first: a misnamed module fails naming its key, before any load
-    if cfg.model.init_from:
-        log(finetune.load_pretrained(model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
-                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                     new_head=head), env)
-    if cfg.finetune.head:
-        finetune.replace_head(model, head, cfg.finetune.head.num_classes)
+    model, phases, head = build_finetune_model(cfg, data, env)
     model.to(env.device)
     optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
@@ -84,6 +75,21 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
                build_scheduler(cfg.scheduler, optimizer), scaler, phases,
                Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, env))
+
+
+def build_finetune_model(cfg: RunConfig, data: Datasets, env: DistEnv | None = None, load_weights: bool = True):
+    """The model as training sees it: built, pretrained weights loaded, head replaced; with its phase plan."""
+    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    head = cfg.finetune.head.module if cfg.finetune.head else None
+    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    finetune.validate_plan(model, phases, head)  # first: a misnamed module fails naming its key, before any load
+    if cfg.model.init_from and load_weights:
+        log(finetune.load_pretrained(model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
+                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
+                                     new_head=head), env)
+    if cfg.finetune.head:
+        finetune.replace_head(model, head, cfg.finetune.head.num_classes)
+    return model, phases, head
 
 
 def run(job: Job) -> int:
@@ -225,6 +231,7 @@ def evaluate(job: Job) -> dict:
     if job.data.val is None:
         return {}
     cfg, env, model = job.cfg, job.env, job.model
+    dist.broadcast_buffers(model, env)  # BatchNorm statistics drift per rank; evaluate (and save) rank 0's
     sampler = ShardedSampler(len(job.data.val), env.rank, env.world_size, 0, shuffle=False, pad=False)
     loader = make_loader(job.data.val, sampler, cfg.data.eval_batch_size or cfg.data.batch_size,
                          cfg.data.num_workers)

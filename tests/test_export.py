@@ -15,7 +15,7 @@ def trained(tmp_path_factory):
     job = write_job(folder, train={"max_epochs": 1})
     ok(run_cli("train", job))
     cfg = load_config(job)
-    model, _ = model_from_job(cfg)
+    model = model_from_job(cfg)[0]
     state, _ = newest_state(cfg.checkpoint_dir)
     model.load_state_dict(state["model"])
     return job, model.eval(), folder
@@ -26,7 +26,7 @@ def test_state_dict_and_safetensors_round_trip(trained):
     for name in ("weights.pt", "weights.safetensors"):
         out = folder / name
         assert "exported" in ok(run_cli("export", job, out))
-        fresh, _ = model_from_job(load_config(job))
+        fresh = model_from_job(load_config(job))[0]
         load_pretrained(fresh, str(out))  # the same loader users get for init_from
         for key, value in model.state_dict().items():
             assert torch.equal(fresh.state_dict()[key], value), key
