@@ -257,7 +257,7 @@ def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_worke
                           worker_init_fn=ignore_stop_signals if num_workers else None, generator=torch.Generator())
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR1/2: preemption.extra_signal
 
 
 class ShieldedLoader(DataLoader):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,20 @@ def setup(cfg: DistConfig, device: str) -> DistEnv:
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=dev if backend == "nccl" else None,
         )
+        if rank == 0:
+            warn_shared_store_restarts()
     return DistEnv(rank, local_rank, world_size, dev)
+
+
+def warn_shared_store_restarts() -> None:
+    """torchrun --max-restarts with its default shared TCPStore: a restarted group can read the previous
+    group's connection keys and fail to connect or hang (pytorch/pytorch#135712; seen here with torch 2.14)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0:
+        print("[runner] WARNING: torchrun --max-restarts shares its rendezvous store with the workers, so a "
+              "restarted group may read the old group's addresses and fail to connect (pytorch/pytorch#135712); "
+              "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment for reliable restarts",
+              file=sys.stderr, flush=True)
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

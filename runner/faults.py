@@ -5,6 +5,9 @@ RUNNER_TEST_HANG_AT_STEP="STEP[:RANK]"   sleep forever after that step (a hung p
 RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
                                           (so a restarted job does not fail again)
 RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in checkpoint.py: pause between data files and manifest
+RUNNER_TEST_DUMP_WEIGHTS=DIR             when training ends, every rank saves its model's state_dict to
+                                          DIR/rank{RANK}.pt (only rank 0 writes checkpoints; the
+                                          distributed tests compare the ranks' weights)
 """
 from __future__ import annotations
 
@@ -35,3 +38,14 @@ def _first_time() -> bool:
         return False
     Path(marker).touch()
     return True
+
+
+def dump_weights(model, env) -> None:
+    """RUNNER_TEST_DUMP_WEIGHTS=DIR: this rank's final weights to DIR/rank{RANK}.pt."""
+    folder = os.environ.get("RUNNER_TEST_DUMP_WEIGHTS")
+    if not folder:
+        return
+    import torch
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), Path(folder) / f"rank{env.rank}.pt")

@@ -2,41 +2,111 @@
 
 The handler only records the signal (the one piece of module-level mutable state in runner); the loop
 then saves a checkpoint of the step it reached and exits with PREEMPTED_EXIT.
+
+A Python signal handler runs only when the main thread runs Python code. A rank blocked in a collective
+(a peer is gone or hung) would never get there, and its launcher would SIGKILL it without a word. So the
+C-level handler also wakes a watchdog thread (signal.set_wakeup_fd): if the process still runs
+`grace_s + WATCHDOG_MARGIN_S` after the signal, the watchdog says so and exits EMERGENCY_SAVE_FAILED_EXIT.
 """
 from __future__ import annotations
 
+import os
+import select
 import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped on request with a checkpoint; run the same command to resume"
 EMERGENCY_SAVE_FAILED_EXIT = 3
+WATCHDOG_MARGIN_S = 2.0  # the loop's own grace accounting ends first and says what happened
 
 _requested: str | None = None
+_since: float | None = None  # time.monotonic() when the first stop signal arrived
 
 
-def install(extra_signal: str | None) -> dict:
-    """Catch SIGTERM, SIGINT and the configured extra signal (default SIGUSR1); returns the old handlers."""
-    global _requested
-    _requested = None
+@dataclass
+class Installed:
+    handlers: dict
+    wakeup_fd: int = -1  # the wakeup fd that was set before install
+    pipe_w: int | None = None  # closing it stops the watchdog
+
+
+def install(extra_signal: str | None, grace_s: float | None = None) -> Installed:
+    """Catch SIGTERM, SIGINT and the configured extra signal (default SIGUSR1); with `grace_s`, start the
+    watchdog that ends the process if it is still running that long after a stop signal."""
+    global _requested, _since
+    _requested, _since = None, None
     names = ["SIGTERM", "SIGINT"] + ([extra_signal] if extra_signal else [])
     sigs = [getattr(signal, name, None) for name in names]
     for name, sig in zip(names, sigs):
         if not isinstance(sig, signal.Signals):
             raise ConfigError(f"preemption.extra_signal: unknown signal '{name}' (e.g. SIGUSR1, SIGUSR2)")
-    return {sig: signal.signal(sig, _record) for sig in sigs}
+    installed = Installed({sig: signal.signal(sig, _record) for sig in sigs})
+    if grace_s is not None:
+        pipe_r, installed.pipe_w = os.pipe()
+        os.set_blocking(installed.pipe_w, False)
+        installed.wakeup_fd = signal.set_wakeup_fd(installed.pipe_w)
+        threading.Thread(target=_watchdog, args=(pipe_r, {int(s) for s in sigs}, grace_s), daemon=True,
+                         name="runner-preemption-watchdog").start()
+    return installed
 
 
-def uninstall(previous: dict) -> None:
-    for sig, handler in previous.items():
+def uninstall(installed: Installed) -> None:
+    for sig, handler in installed.handlers.items():
         signal.signal(sig, handler)
+    if installed.pipe_w is not None:
+        signal.set_wakeup_fd(installed.wakeup_fd)
+        os.close(installed.pipe_w)  # the watchdog reads EOF and ends without firing
 
 
 def _record(signum, _frame) -> None:
     global _requested
+    _mark_time()
     _requested = signal.Signals(signum).name
+
+
+def _mark_time() -> None:
+    global _since
+    if _since is None:
+        _since = time.monotonic()
 
 
 def requested() -> str | None:
     """Name of the stop signal received by this process, if any."""
     return _requested
+
+
+def deadline(grace_s: float) -> float:
+    """time.monotonic() by which the emergency checkpoint must be committed: grace_s after the signal
+    (or from now, when the stop was agreed because another rank got it)."""
+    return (_since if _since is not None else time.monotonic()) + grace_s
+
+
+def _watchdog(pipe_r: int, stop_signals: set[int], grace_s: float) -> None:
+    """Wait for a stop signal's byte on the wakeup pipe, then for the deadline; EOF (uninstall) ends it."""
+    try:
+        while True:  # other signals with Python handlers (e.g. the DataLoader's SIGCHLD) write bytes too
+            data = os.read(pipe_r, 512)
+            if not data:
+                return
+            if stop_signals & set(data):
+                break
+        _mark_time()
+        name = signal.Signals(next(b for b in data if b in stop_signals)).name
+        while (left := deadline(grace_s) + WATCHDOG_MARGIN_S - time.monotonic()) > 0:
+            if select.select([pipe_r], [], [], left)[0] and not os.read(pipe_r, 512):
+                return
+    finally:
+        os.close(pipe_r)
+    rank = os.environ.get("RANK")
+    tag = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"[runner] WARNING: {tag}{name} arrived {grace_s + WATCHDOG_MARGIN_S:g}s ago and no emergency "
+          f"checkpoint was committed within preemption.grace_s={grace_s:g}: this process is stuck (a step, "
+          "a collective waiting for a lost or hung peer, or a write); exiting with status "
+          f"{EMERGENCY_SAVE_FAILED_EXIT}. The next start resumes from the newest committed checkpoint.",
+          file=sys.stderr, flush=True)
+    os._exit(EMERGENCY_SAVE_FAILED_EXIT)
