@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
 from .errors import ConfigError
+from .metrics import warn
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,9 @@ def warn_shared_store_restarts() -> None:
     group's connection keys and fail to connect or hang (pytorch/pytorch#135712; seen here with torch 2.14)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0:
-        print("[runner] WARNING: torchrun --max-restarts shares its rendezvous store with the workers, so a "
-              "restarted group may read the old group's addresses and fail to connect (pytorch/pytorch#135712); "
-              "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment for reliable restarts",
-              file=sys.stderr, flush=True)
+        warn("torchrun --max-restarts shares its rendezvous store with the workers, so a restarted group may "
+             "read the old group's addresses and fail to connect (pytorch/pytorch#135712); set "
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment for reliable restarts")
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:

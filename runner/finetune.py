@@ -70,8 +70,8 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
         store = CheckpointStore(url, storage_options)
         info = store.latest_valid()
         if info is None:
-            raise CheckpointError(f"{url} is a directory with no committed runner checkpoint; point init_from "
-                                  "at a weights file, a step-N checkpoint or a checkpoint.dir")
+            raise CheckpointError(f"{url} is a directory with no committed runner checkpoint (no MANIFEST.json); "
+                                  "point init_from at a weights file, a step-N checkpoint or a checkpoint.dir")
     return store.read(info), f"{info.url}/state.pt"
 
 

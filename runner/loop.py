@@ -99,7 +99,7 @@ def run(job: Job) -> int:
         log(f"training already finished at step {progress.step} (checkpoints in {cfg.checkpoint_dir}); "
             "nothing to do. Use another checkpoint.dir or resume.mode=never to train again.", env)
         return 0
-    announce(job, progress)
+    announce(job)
     batch_size = cfg.data.batch_size
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
@@ -311,7 +311,7 @@ def meaning_digest(cfg: RunConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def save(job: Job, progress: Progress, sums: list[float], attempts: int | None = None) -> None:
+def save(job: Job, progress: Progress, sums: list[float], emergency: bool = False) -> None:
     """All ranks call (RNG and running sums are gathered); rank 0 hands the snapshot to the writer."""
     data = capture(job.model, job.optimizer, job.scheduler, job.scaler, progress, sums, job.env)
     meta = {
@@ -322,7 +322,7 @@ def save(job: Job, progress: Progress, sums: list[float], attempts: int | None =
         "meaning_digest": meaning_digest(job.cfg), "config": to_dict(job.cfg),
         "runner_version": __version__, "torch_version": torch.__version__,
     }
-    job.checkpointer.save(data, meta, **({"attempts": attempts} if attempts else {}))
+    job.checkpointer.save(data, meta, emergency)
 
 
 def resume(job: Job) -> tuple[Progress, list[float]]:
@@ -385,7 +385,7 @@ def emergency_save(job: Job, progress: Progress, sums: list[float]) -> int:
     ckpt.wait(max(end - time.monotonic(), 0.0))  # a periodic write in flight finishes (or fails) first
     # Still writing when the time is up: starting another save would block on it past the grace period.
     if not dist.broadcast(ckpt.writer is not None, env):
-        save(job, progress, sums, attempts=1)
+        save(job, progress, sums, emergency=True)
         ckpt.wait(max(end - time.monotonic(), 0.0))
     if not dist.broadcast(ckpt.last_committed == progress.step, env):
         if env.is_main:
@@ -400,7 +400,7 @@ def emergency_save(job: Job, progress: Progress, sums: list[float]) -> int:
     return preemption.PREEMPTED_EXIT
 
 
-def announce(job: Job, progress: Progress) -> None:
+def announce(job: Job) -> None:
     """Rank 0 prints and stores the resolved config once per start."""
     cfg, env = job.cfg, job.env
     if not env.is_main:

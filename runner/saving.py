@@ -48,14 +48,17 @@ class Checkpointer:
                                   "run `runner ckpt ls` to see valid ones")
         return info
 
-    def save(self, data: bytes | None, meta: dict, attempts: int = RETRIES) -> None:
-        """Rank 0 writes `data` in the background (others pass None); one write at a time."""
+    def save(self, data: bytes | None, meta: dict, emergency: bool = False) -> None:
+        """Rank 0 writes `data` in the background (others pass None); one write at a time.
+
+        An emergency save (the process is about to exit) is tried once: the grace period has no room for backoff.
+        """
         self.last_save = time.monotonic()
         if data is None:
             return
         self.wait()
         # A daemon thread, so a write hung on a dead server cannot keep a preempted process alive.
-        self.writer = threading.Thread(target=self._write, args=(data, meta, attempts), daemon=True)
+        self.writer = threading.Thread(target=self._write, args=(data, meta, emergency), daemon=True)
         self.writer.start()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -68,8 +71,8 @@ class Checkpointer:
         self.writer = None
         return self.write_ok
 
-    def _write(self, data: bytes, meta: dict, attempts: int) -> None:
-        step = meta["step"]
+    def _write(self, data: bytes, meta: dict, emergency: bool) -> None:
+        step, attempts = meta["step"], 1 if emergency else RETRIES
         self.write_ok = False
         for attempt in range(1, attempts + 1):
             try:
@@ -77,9 +80,9 @@ class Checkpointer:
                 break
             except Exception as e:  # noqa: BLE001 — any storage fault (network, disk full) is retried
                 if attempt == attempts:
+                    then = "" if emergency else " Training continues; the next save will try again."
                     warn(f"CHECKPOINT FAILED: step {step} was not saved to {self.url} after {attempts} "
-                         f"attempt(s): {e}. Training continues; the last committed step is "
-                         f"{self.last_committed}; the next save will try again.")
+                         f"attempt(s): {e}. The last committed step is {self.last_committed}.{then}")
                     return
                 time.sleep(BACKOFF_S * 2 ** (attempt - 1))
         self.last_committed = step

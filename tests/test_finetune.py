@@ -1,6 +1,5 @@
 """Transfer learning: weight formats and URLs, head replacement, the phase plan and LR multipliers."""
 import io
-import json
 import uuid
 from collections import OrderedDict
 
@@ -11,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from runner.checkpoint import CheckpointStore
 from runner.errors import CheckpointError, ConfigError
 from runner.finetune import (Phase, apply_lr_mults, apply_phase, load_pretrained, param_groups, phase_at,
                              phase_span, replace_head, set_train_mode, validate_plan)
@@ -66,14 +66,21 @@ def test_load_each_format(root, fmt):
         url = put(f"{root}/w.pth", saved(sd))
     elif fmt == "checkpoint_file":
         url = put(f"{root}/ckpt.pt", saved({"model": sd, "optimizer": {"state": {}}, "step": 3}))
-    else:
-        url = f"{root}/ckpt/step-000000123"
-        put(f"{url}/state.pt", saved({"model": sd, "step": 123}))
-        put(f"{url}/MANIFEST.json", json.dumps({"step": 123}).encode())
+    else:  # a committed runner checkpoint (step-N directory with its manifest)
+        url = CheckpointStore(f"{root}/ckpt").commit(123, {"state.pt": saved({"model": sd})}, {})
     dst = net(seed=2)
     report = load_pretrained(dst, url)
     assert same_weights(dst, src)
     assert report == f"loaded {len(sd)}/{len(sd)} tensors from {url}; missing: none; unexpected: none"
+
+
+def test_checkpoint_store_dir_loads_its_newest_valid_checkpoint(root):
+    store = CheckpointStore(f"{root}/ckpts")
+    store.commit(1, {"state.pt": saved({"model": net(seed=1).state_dict()})}, {})
+    store.commit(2, {"state.pt": saved({"model": net(seed=3).state_dict()})}, {})
+    dst = net(seed=2)
+    load_pretrained(dst, f"{root}/ckpts")
+    assert same_weights(dst, net(seed=3))
 
 
 def test_checkpoint_dir_without_manifest_is_refused(root):
