@@ -26,6 +26,7 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/checkpoint_bench.py
+	$(BIN)/python benchmarks/overhead_bench.py
 
 clean:
 	rm -rf $(VENV) runs

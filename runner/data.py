@@ -190,16 +190,22 @@ class SeededDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, index):
-        sample_seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF  # tuples of ints hash stably
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """The DataLoader fetches a whole batch here: the main process saves and restores its RNGs once per
+        batch, not per sample (numpy's get_state/set_state alone cost ~70 µs)."""
         if get_worker_info() is not None:
-            seed_cpu(sample_seed)
-            return self.base[index]
+            return [self._sample(i) for i in indices]
         saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        seed_cpu(sample_seed)
         try:
-            return self.base[index]
+            return [self._sample(i) for i in indices]
         finally:
             torch.set_rng_state(saved[0]); random.setstate(saved[1]); np.random.set_state(saved[2])  # noqa: E702
+
+    def _sample(self, index: int):
+        seed_cpu(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF)  # tuples of ints hash stably
+        return self.base[index]
 
 
 def seed_all(seed: int) -> None:

@@ -22,7 +22,7 @@ from .data import Datasets, SeededDataset, ShardedSampler, build_datasets, make_
 from .dist import DistEnv
 from .errors import CheckpointError, ConfigError
 from .faults import dump_weights, inject_fault
-from .metrics import ProgressBar, format_epoch, log, warn, write_history
+from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
 from .saving import Checkpointer
 from .state import Progress, capture, load_bytes, restore
 
@@ -42,6 +42,7 @@ class Job:
     scaler: torch.amp.GradScaler
     phases: list
     checkpointer: Checkpointer
+    steps: StepRecord
     wrapped: nn.Module | None = None
     phase: int | None = None
 
@@ -59,6 +60,8 @@ def train(cfg: RunConfig) -> int:
             job.checkpointer.wait(cfg.preemption.grace_s)
         raise
     finally:
+        if job is not None:
+            job.steps.close()
         preemption.uninstall(handlers)
         dist.teardown()
 
@@ -74,7 +77,7 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
                build_scheduler(cfg.scheduler, optimizer), scaler, phases,
-               Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, env))
+               Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, env), StepRecord(cfg.out_dir, env.is_main))
 
 
 def build_finetune_model(cfg: RunConfig, data: Datasets, env: DistEnv | None = None, load_weights: bool = True):
@@ -147,8 +150,7 @@ def train_epoch(job: Job, loader, progress: Progress, sums: list[float]) -> str:
         progress.step += 1
         if job.scheduler is not None and cfg.scheduler.interval == "step":
             job.scheduler.step()
-        if env.is_main:
-            record_step(cfg, progress.step)
+        job.steps.write(progress.step)
         inject_fault(progress.step, env)
         stop, save_now = dist.any_rank([preemption.requested() is not None, job.checkpointer.due(progress.step)], env)
         if stop:
@@ -340,25 +342,10 @@ def resume(job: Job) -> tuple[Progress, list[float]]:
     state = load_bytes(job.checkpointer.store.read(url), url)
     progress, sums = restore(state, job.model, job.optimizer, job.scheduler, job.scaler, env)
     job.checkpointer.last_committed = progress.step
-    lost = max(0, last_recorded_step(cfg) - progress.step)
+    lost = max(0, job.steps.last() - progress.step)
     log(f"resuming from {url}: step {progress.step}, epoch {progress.epoch + 1}, "
         f"batch {progress.batch_in_epoch} of the epoch; {lost} step(s) lost since that checkpoint", env)
     return progress, sums
-
-
-def record_step(cfg: RunConfig, step: int) -> None:
-    """Rank 0 notes the step reached, so the next start can say how many steps a kill cost."""
-    path = Path(cfg.out_dir) / "last_step"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(str(step))
-    tmp.replace(path)  # never a half-written number
-
-
-def last_recorded_step(cfg: RunConfig) -> int:
-    try:
-        return int((Path(cfg.out_dir) / "last_step").read_text())
-    except (OSError, ValueError):
-        return 0
 
 
 def check_compatible(cfg: RunConfig, env: DistEnv, manifest: dict, url: str) -> None:
