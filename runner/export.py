@@ -1,6 +1,7 @@
 """Trained weights → files for inference: a state_dict (.pt/.pth), safetensors, or ONNX."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -30,10 +31,8 @@ def export(model: nn.Module, example: torch.Tensor, out: str) -> str:
 
 
 def to_onnx(model: nn.Module, example: torch.Tensor, out: str) -> None:
-    try:
-        import onnxscript  # noqa: F401 — torch's exporter needs it; say so before torch fails deep inside
-    except ImportError:
-        raise ConfigError("export to ONNX needs onnx and onnxscript: pip install 'runner[export]'") from None
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it: say so, not fail deep inside
+        raise ConfigError("export to ONNX needs onnx and onnxscript: pip install 'runner[export]'")
     batch = torch.export.Dim("batch")
     torch.onnx.export(model, (example,), out, input_names=["input"], output_names=["output"],
                       dynamic_shapes=({0: batch},), verbose=False)

@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 
 import pytest
+import torch
 
 
 def _free_port() -> int:
@@ -102,3 +103,13 @@ def store_url(request, tmp_path):
             fsspec.filesystem("memory").rm(path, recursive=True)
     else:
         yield request.getfixturevalue("s3_store_url")
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on one intra-op thread: on a shared 2-core machine, more threads oversubscribe
+    the cores and a tiny job runs several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -80,19 +80,6 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := _stat(int(d.name))):
-            children.setdefault(int(st[1]), []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def workers_by_rank(agent: int) -> dict[int, int]:
     """torchrun's worker processes (the agent's direct children), by their RANK."""
     ranks = {}

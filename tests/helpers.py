@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -56,6 +56,34 @@ def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd: Path | No
     """`python -m runner ARGS` in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
                           env=child_env(**(env or {})), timeout=timeout, cwd=cwd or REPO)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, found by parent pid in /proc (torchrun puts workers in their own sessions,
+    so killing its process group would miss them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of the printed table row starting with `first_cell` (cells are separated by 2+ spaces)."""
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row for {first_cell}:\n{text}")
 
 
 def free_port() -> int:
@@ -108,13 +136,3 @@ def ok(proc) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}"
     return out
-
-
-@pytest.fixture
-def one_thread():
-    """In-process training on one intra-op thread: on a shared 2-core machine, more threads oversubscribe
-    the cores and a tiny job runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

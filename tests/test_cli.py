@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runner.models import SmallCNN
-from tests.helpers import REPO, TINY_JOB, child_env, newest_state, ok, run_cli, write_job
+from helpers import REPO, TINY_JOB, child_env, newest_state, ok, run_cli, table_row, write_job
 
 ONE_THREAD = {"OMP_NUM_THREADS": 1}  # the machine's 2 cores are shared; more threads only oversubscribe
 
@@ -16,27 +16,18 @@ def history(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def cells(text: str, layer: str) -> list[str]:
-    """The cells of the summary table row for `layer` (cells are separated by 2+ spaces)."""
-    for line in text.splitlines():
-        row = re.split(r"\s{2,}", line.strip())
-        if row[0] == layer:
-            return row
-    raise AssertionError(f"no row for {layer}:\n{text}")
-
-
 def test_summary_prints_layers_shapes_counts_and_memory_without_training(tmp_path):
     job = write_job(tmp_path, finetune={"head": {"module": "head", "num_classes": 10},
                                         "phases": [{"epochs": 1, "train": ["head"]}, {"train": ["all"]}]})
     out = ok(run_cli("summary", job, env=ONE_THREAD))
     width = TINY_JOB["model"]["args"]["width"]
-    assert cells(out, "features.0")[:3] == ["features.0", "Conv2d", f"[-1, {width}, 8, 8]"]  # 8×8 digits
-    assert cells(out, "features.6")[:3] == ["features.6", "MaxPool2d", f"[-1, {2 * width}, 4, 4]"]
-    assert cells(out, "head")[:3] == ["head", "Linear", "[-1, 10]"]  # 10 digit classes
+    assert table_row(out, "features.0")[:3] == ["features.0", "Conv2d", f"[-1, {width}, 8, 8]"]  # 8×8 digits
+    assert table_row(out, "features.6")[:3] == ["features.6", "MaxPool2d", f"[-1, {2 * width}, 4, 4]"]
+    assert table_row(out, "head")[:3] == ["head", "Linear", "[-1, 10]"]  # 10 digit classes
     model = SmallCNN(num_classes=10, in_channels=1, width=width)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
-    assert cells(out, "head")[3] == f"{head:,}"
+    assert table_row(out, "head")[3] == f"{head:,}"
     assert f"total params: {total:,}" in out
     assert f"trainable params: {total:,}" in out and "frozen params: 0" in out
     assert f"parameter memory: {total * 4 / 2**20:.2f} MB" in out

@@ -16,7 +16,7 @@ from runner.config import DataConfig, ModelConfig, OptimConfig, SchedulerConfig
 from runner.data import ShardedSampler, build_datasets
 from runner.errors import ConfigError
 from runner.models import MLP, SmallCNN
-from tests.helpers import REPO, TINY_JOB, ok, run_cli, write_job
+from helpers import REPO, TINY_JOB, ok, run_cli, write_job
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import yaml
 
 from runner.config import RunConfig, load_config
 from runner.errors import ConfigError
-from tests.helpers import TINY_JOB, newest_state, one_thread, run_cli, write_job  # noqa: F401 (fixture)
+from helpers import TINY_JOB, newest_state, run_cli, write_job  # noqa: F401 (fixture)
 
 
 def write(folder: Path, text: str, name: str = "bad.yaml") -> Path:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from helpers import REPO, assert_tensors_equal, child_env, free_port, newest_state, ok, run_cli, write_job
+from helpers import REPO, assert_tensors_equal, child_env, descendants, free_port, newest_state, ok, run_cli, write_job
 
 TIMEOUT = 240  # per launch; a run takes ~15 s, most of it importing torch three times on 2 shared cores
 B = 16  # per-rank batch of the 2-rank runs; the 1-process run uses 2 * B
@@ -54,21 +54,6 @@ def torchrun(*entry_and_args, nproc: int = 2, port: int | None = None, extra: tu
 def tee_by_rank(log_dir: Path) -> tuple:
     """torchrun options that prefix every console line with the global rank that printed it."""
     return ("--log-dir", str(log_dir), "--tee", "3", "--log-line-prefix-template", "[rank${rank}]: ")
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import torch
 from runner.cli import model_from_job
 from runner.config import load_config
 from runner.finetune import load_pretrained
-from tests.helpers import newest_state, ok, run_cli, write_job
+from helpers import newest_state, ok, run_cli, write_job
 
 
 @pytest.fixture(scope="module")

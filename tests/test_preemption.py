@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 import pytest
 
 from fault_helpers import (JOB, STEPS_1, STEPS_2, CuttableProxy, assert_same_final_state, assert_store_sound,
-                           descendants, finish, kill_everything, last_step, launched, reference, resumed,
+                           finish, kill_everything, last_step, launched, reference, resumed,
                            runner_cmd, seeded_rng, text, torchrun_cmd, wait_until, workers_by_rank)
-from helpers import newest_state, write_job
+from helpers import descendants, newest_state, write_job
 from runner.checkpoint import CheckpointStore
 from runner.preemption import EMERGENCY_SAVE_FAILED_EXIT, PREEMPTED_EXIT
 

@@ -7,7 +7,6 @@ of their stores, so the expensive training happens as few times as possible.
 from __future__ import annotations
 
 import io
-import json
 import re
 import shutil
 import zipfile
@@ -18,7 +17,7 @@ import fsspec
 import pytest
 import torch
 
-from helpers import (assert_tensors_equal, merge, newest_state, ok, one_thread, run_cli,  # noqa: F401
+from helpers import (assert_tensors_equal, merge, newest_state, ok, run_cli,  # noqa: F401
                      run_torchrun, write_job)
 from runner import cli
 from runner.checkpoint import MANIFEST, CheckpointStore

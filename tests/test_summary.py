@@ -1,10 +1,10 @@
 """The model summary: layer table, totals, frozen counts and the fine-tune plan section."""
-import re
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from helpers import table_row
 from runner.finetune import Phase
 from runner.summary import summarize
 
@@ -21,16 +21,6 @@ def cnn() -> nn.Module:
         fc=nn.Linear(4, 5)))
 
 
-def row(text: str, layer: str) -> list[str]:
-    """The cells of the table row for `layer` (cells are separated by 2+ spaces)."""
-
-    for line in text.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if cells[0] == layer:
-            return cells
-    raise AssertionError(f"no row for {layer}:\n{text}")
-
-
 def test_table_lists_layers_with_output_shapes():
     model = cnn()
     text = summarize(model, torch.zeros(2, 3, 16, 16))
@@ -45,8 +35,8 @@ def test_table_lists_layers_with_output_shapes():
         "fc": ("Linear", "[-1, 5]", "25"),
     }
     for layer, (kind, shape, params) in expected.items():
-        assert row(text, layer)[:4] == [layer, kind, shape, params]
-    assert row(text, "conv")[4] == "yes" and row(text, "relu")[4] == "-"
+        assert table_row(text, layer)[:4] == [layer, kind, shape, params]
+    assert table_row(text, "conv")[4] == "yes" and table_row(text, "relu")[4] == "-"
     total = sum(p.numel() for p in model.parameters())
     assert f"total params: {total:,}" in text and "frozen params: 0" in text
     assert f"parameter memory: {total * 4 / 2**20:.2f} MB" in text
@@ -64,7 +54,7 @@ def test_frozen_counts_and_modes_restored():
     text = summarize(model, torch.zeros(2, 3, 16, 16))
     total = sum(p.numel() for p in model.parameters())
     assert f"frozen params: {224 + 5:,}" in text and f"trainable params: {total - 229:,}" in text
-    assert row(text, "conv")[4] == "no" and row(text, "fc")[4] == "partial"
+    assert table_row(text, "conv")[4] == "no" and table_row(text, "fc")[4] == "partial"
     assert model.training and not model.bn.training and model.block.training
 
 

@@ -17,7 +17,7 @@ from runner.config import RunConfig, load_config
 from runner.errors import ConfigError
 from runner.data import build_datasets
 from runner.loop import build_job, train
-from tests.helpers import TINY_JOB, assert_tensors_equal, newest_state, one_thread, write_job  # noqa: F401
+from helpers import TINY_JOB, assert_tensors_equal, newest_state, write_job  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

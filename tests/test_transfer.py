@@ -16,7 +16,7 @@ from runner import cli
 from runner.checkpoint import CheckpointStore
 from runner.config import load_config
 from runner.models import SmallCNN
-from tests.helpers import REPO, assert_tensors_equal, ok, one_thread, run_cli, run_torchrun, write_job  # noqa: F401
+from helpers import REPO, assert_tensors_equal, ok, run_cli, run_torchrun, write_job  # noqa: F401
 
 PRETRAIN = REPO / "examples" / "pretrain-digits.yaml"
 FINETUNE = REPO / "examples" / "finetune-digits.yaml"
