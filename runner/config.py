@@ -236,7 +236,22 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         apply_override(raw, item, path)
     raw.setdefault("out_dir", f"runs/{path.stem}")
-    return build(RunConfig, raw, path)
+    cfg = build(RunConfig, raw, path)
+    check_values(cfg, path)
+    return cfg
+
+
+def check_values(cfg: RunConfig, source: Path) -> None:
+    """Values that are well-typed but cannot work, caught before anything runs."""
+    positive = {"data.batch_size": cfg.data.batch_size, "train.accumulate": cfg.train.accumulate,
+                "train.max_epochs": cfg.train.max_epochs, "dist.timeout_s": cfg.dist.timeout_s}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{source}: '{key}' must be positive, got {value}")
+    if cfg.data.num_workers < 0 or cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_best < 0:
+        raise ConfigError(f"{source}: data.num_workers, checkpoint.keep_last and checkpoint.keep_best must be >= 0")
+    if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
+        raise ConfigError(f"{source}: 'checkpoint.keep_best' needs 'checkpoint.metric' (e.g. val_loss) to rank by")
 
 
 def apply_override(raw: dict, item: str, source: Path | str) -> None:

@@ -184,3 +184,12 @@ def test_resolved_config_is_printed_saved_and_loads_back_equal(tmp_path, capsys,
     _, manifest = newest_state(cfg.checkpoint_dir)
     assert manifest["config"]["optim"]["lr"] == 0.02  # and every checkpoint carries it
 
+
+
+@pytest.mark.parametrize("override, key", [("data.batch_size=0", "data.batch_size"),
+                                           ("train.accumulate=-1", "train.accumulate"),
+                                           ("checkpoint.keep_best=1", "checkpoint.metric")])
+def test_values_that_cannot_work_are_refused_naming_the_key(tmp_path, override, key):
+    job = write_job(tmp_path)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(job, [override])
