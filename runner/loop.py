@@ -330,7 +330,7 @@ def save(job: Job, progress: Progress, sums: list[float], emergency: bool = Fals
 def resume(job: Job) -> tuple[Progress, list[float]]:
     """Pick the checkpoint on rank 0, agree on it, and load it on every rank; or start fresh."""
     cfg, env = job.cfg, job.env
-    choice = job.checkpointer.find_resume(cfg.resume.mode) if env.is_main else None
+    choice, data = job.checkpointer.find_resume(cfg.resume.mode) if env.is_main else (None, None)
     found = dist.broadcast(None if choice is None else (choice.url, choice.manifest), env)
     if found is None:
         log("fresh start: no checkpoint to resume" + ("" if cfg.resume.mode == "never" else f" in {cfg.checkpoint_dir}"),
@@ -339,7 +339,7 @@ def resume(job: Job) -> tuple[Progress, list[float]]:
         return Progress(), [0.0, 0.0, 0.0]
     url, manifest = found
     check_compatible(cfg, env, manifest, url)
-    state = load_bytes(job.checkpointer.store.read(url), url)
+    state = load_bytes(data if env.is_main else job.checkpointer.store.read(url), url)
     progress, sums = restore(state, job.model, job.optimizer, job.scheduler, job.scaler, env)
     job.checkpointer.last_committed = progress.step
     lost = max(0, job.steps.last() - progress.step)
