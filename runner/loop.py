@@ -119,9 +119,8 @@ def run(job: Job) -> int:
         progress.finished = (outcome == MAX_STEPS or stop_early or progress.epoch >= cfg.train.max_epochs
                              or reached_max_steps(cfg, progress))
         # train_epoch leaves a step-cadence save on the epoch's or the run's last step to here (after end_epoch)
-        on_cadence = bool(cfg.checkpoint.every_steps) and progress.step % cfg.checkpoint.every_steps == 0
         if ((outcome == EPOCH_END and cfg.checkpoint.every_epoch) or (progress.finished and cfg.checkpoint.at_end)
-                or on_cadence):
+                or job.checkpointer.step_due(progress.step)):
             save(job, progress, sums)
         if progress.finished:
             break

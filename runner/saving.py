@@ -29,10 +29,14 @@ class Checkpointer:
 
     def due(self, step: int) -> bool:
         """Step cadence or wall-time cadence (this rank's clock; the loop makes all ranks agree)."""
-        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+        if self.step_due(step):
             return True
         minutes = self.cfg.every_minutes
         return bool(minutes) and time.monotonic() - self.last_save >= minutes * 60
+
+    def step_due(self, step: int) -> bool:
+        """The step cadence alone: the same on every rank, no agreement needed."""
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
     def find_resume(self, mode: str) -> tuple[CheckpointInfo | None, bytes | None]:
         """Rank 0 only: clean leftovers of interrupted writes, then pick the checkpoint to resume and read it.
