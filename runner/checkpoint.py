@@ -309,6 +309,19 @@ class CheckpointStore:
             warn(f"skipping checkpoint {info.url}: {info.reason}; falling back to an earlier one")
         return None
 
+    def read_latest(self, name: str = "state.pt", warn=_warn_stderr) -> tuple[CheckpointInfo, bytes] | None:
+        """The newest checkpoint whose `name` matches its manifest, with those bytes. Reading is the check, so
+        a large checkpoint is downloaded once, not once to verify and again to load."""
+        for info in reversed(self.list()):
+            reason = info.reason
+            if info.valid:
+                try:
+                    return info, self.read(info, name)
+                except CheckpointError as e:
+                    reason = self.verify(info).reason or str(e)  # the precise reason, e.g. which file
+            warn(f"skipping checkpoint {info.url}: {reason}; falling back to an earlier one")
+        return None
+
     def read(self, info_or_url, name: str = "state.pt") -> bytes:
         """The bytes of one file, checked against the manifest's size and sha256 (a single read)."""
         dname, _ = self._locate(info_or_url)

@@ -105,23 +105,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def all_sum(values: list[float], env: DistEnv) -> list[float]:
     """Sum floats over ranks (in float64 so sums of per-sample losses stay exact-ish)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if env.distributed:
-        t = t.to(env.device) if env.device.type == "cuda" else t
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t.cpu().tolist()
+    return all_reduce(values, tdist.ReduceOp.SUM, env)
 
 
 def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
     """For each flag: true on every rank if it is true on any rank — how ranks agree on control flow."""
-    return [v > 0 for v in all_max([float(f) for f in flags], env)]
+    return [v > 0 for v in all_reduce([float(f) for f in flags], tdist.ReduceOp.MAX, env)]
 
 
-def all_max(values: list[float], env: DistEnv) -> list[float]:
+def all_reduce(values: list[float], op, env: DistEnv) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if env.distributed:
         t = t.to(env.device) if env.device.type == "cuda" else t
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        tdist.all_reduce(t, op=op)
     return t.cpu().tolist()
 
 

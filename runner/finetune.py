@@ -66,13 +66,14 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
                               "check the URL and storage_options") from None
     if fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
         store, info = open_checkpoint(url, storage_options)
+        data = store.read(info)
     else:
-        store = CheckpointStore(url, storage_options)
-        info = store.latest_valid()
-        if info is None:
+        found = CheckpointStore(url, storage_options).read_latest()
+        if found is None:
             raise CheckpointError(f"{url} is a directory with no committed runner checkpoint (no MANIFEST.json); "
                                   "point init_from at a weights file, a step-N checkpoint or a checkpoint.dir")
-    return store.read(info), f"{info.url}/state.pt"
+        info, data = found
+    return data, f"{info.url}/state.pt"
 
 
 def _torch_load(data: bytes, url: str, trust_pickle: bool) -> object:

@@ -39,11 +39,7 @@ class Checkpointer:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
 
     def find_resume(self, mode: str) -> tuple[CheckpointInfo | None, bytes | None]:
-        """Rank 0 only: clean leftovers of interrupted writes, then pick the checkpoint to resume and read it.
-
-        The newest checkpoint whose state.pt matches its manifest wins; reading is the check, so a large
-        checkpoint is downloaded once, not once to verify and again to load.
-        """
+        """Rank 0 only: clean leftovers of interrupted writes, then pick the checkpoint to resume and read it."""
         for url in self.store.cleanup_partial():
             warn(f"removed incomplete checkpoint write {url}")
         if mode == "never":
@@ -54,15 +50,7 @@ class Checkpointer:
                 raise CheckpointError(f"resume.mode: {mode} is not a valid checkpoint ({info.reason}); "
                                       "run `runner ckpt ls` to see valid ones")
             return info, self.store.read(info)
-        for info in reversed(self.store.list()):
-            reason = info.reason
-            if info.valid:
-                try:
-                    return info, self.store.read(info)
-                except CheckpointError as e:
-                    reason = self.store.verify(info).reason or str(e)  # the precise reason, e.g. which file
-            warn(f"skipping checkpoint {info.url}: {reason}; falling back to an earlier one")
-        return None, None
+        return self.store.read_latest(warn=warn) or (None, None)
 
     def save(self, data: bytes | None, meta: dict, emergency: bool = False) -> None:
         """Rank 0 writes `data` in the background (others pass None); one write at a time.
