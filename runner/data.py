@@ -216,7 +216,7 @@ def seed_all(seed: int) -> None:
 
 def seed_cpu(seed: int) -> None:
     """seed_all without CUDA: samples are made on the CPU, and torch.manual_seed would also reseed the
-    CUDA generator (which __getitem__ does not restore) and format a stack trace per call (~1 ms)."""
+    CUDA generator (which SeededDataset does not restore) and format a stack trace per call (~1 ms)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.random.default_generator.manual_seed(seed)
