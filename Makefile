@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to the builds this project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-quick bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.dev
+# Everything but the long end-to-end tests (marked `slow`: real torchrun, kills, servers).
+test-quick: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The `bench` extra adds Lightning, for compare.py's third column.
+$(VENV)/.bench: $(VENV)/.dev
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/checkpoint_bench.py
 	$(BIN)/python benchmarks/overhead_bench.py
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runner.checkpoint import CheckpointStore  # noqa: E402
 from runner.data import ShardedSampler, make_loader  # noqa: E402
 from runner.dist import DistEnv  # noqa: E402
-from runner.state import Progress, capture  # noqa: E402
+from runner.state import TrainState, capture  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "checkpoint.json"
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -56,7 +56,7 @@ def bench_save(sizes=(10, 50)) -> list[dict]:
     for millions in sizes:
         model, optimizer = model_of(millions)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        snapshot = lambda: capture(model, optimizer, None, scaler, Progress(), [0.0, 0.0, 0.0], ENV)  # noqa: E731
+        snapshot = lambda: capture(model, optimizer, None, scaler, TrainState(), ENV)  # noqa: E731
         data = snapshot()
         with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
             for name, url in (("local", f"{tmp}/ckpt"), ("memory", f"memory://bench-{millions}")):

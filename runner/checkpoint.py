@@ -1,12 +1,17 @@
 """CheckpointStore: atomic commit, listing, verification, reading and retention of checkpoints.
 
-This module knows bytes and fsspec URLs, not training. Layout (see DESIGN.md, "Checkpoint format"):
+This module knows bytes and fsspec URLs, not training. Layout:
 
-    <store>/step-000001234/{state.pt, ..., MANIFEST.json}
+    <store>/step-000001234/{MANIFEST.json, state.pt, ...}
 
-A checkpoint exists iff its MANIFEST.json exists and every file it lists matches in size and sha256.
-Local filesystems write into `<store>/.tmp-step-…-<hex>` and `os.replace` it into place; object
-stores (no rename) write the data objects first and the manifest last, one PUT each.
+A checkpoint exists iff its MANIFEST.json is well-formed and every file it lists matches in size and sha256.
+Local filesystems write into `<store>/.tmp-step-…-<hex>` and `os.replace` it into place. Object stores (no
+rename) write each data object under a fresh physical name (state.pt as state.<nonce>.pt, recorded as the
+file's "object" in the manifest), then the manifest in one PUT: that PUT switches a re-committed step to
+the new objects, and only then are the old ones deleted, so a failed rewrite leaves the old checkpoint whole.
+
+Storage failures surface as StorageError (permanent: fix the URL, permissions or credentials) or
+StorageUnavailable (transient: retry later), classified in one place, `storage_fault`.
 
 Test hook: if the environment variable RUNNER_TEST_SLOW_COMMIT_S is set to a float, `commit`
 sleeps that many seconds after the data files are written and before the manifest is written,
@@ -16,45 +21,167 @@ so chaos tests can land a kill inside a write.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from typing import Literal, TypeVar
 
 import fsspec
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, StorageError, StorageUnavailable
 
 MANIFEST = "MANIFEST.json"
 SLOW_COMMIT_ENV = "RUNNER_TEST_SLOW_COMMIT_S"
-_STEP_RE = re.compile(r"step-(\d+)")
+LEGACY_RUN_ID = "legacy"  # the run of a manifest written before manifests named their run
+STEP_RE = re.compile(r"step-([0-9]+)")  # ASCII digits only: int() would read "step-٦" as step 6
+PROBE_PREFIX = ".probe-"
+RETRY_ATTEMPTS = 3
+RETRY_BACKOFF_S = 1.0  # doubles after each failed attempt: 1 s, then 2 s
+_sleep = time.sleep  # retry_transient's pause; tests replace it
 _TMP_PREFIX = ".tmp-"
+_ASIDE_PREFIX = ".old-"  # a committed checkpoint moved aside while its step is re-committed (local dirs)
 _CHUNK = 8 << 20  # verify streams files: a checkpoint may not fit in memory twice
+_MAX_DEPTH = 64  # deeper manifests are not ours, and recursive consumers (json.dumps, pickle) could overflow
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
            "abfss": "azure", "adl": "azure"}
+
+# storage_fault's evidence. Class names, not classes, so that no cloud SDK is imported to classify its errors.
+_TRANSIENT_NAMES = frozenset({
+    "TimeoutError", "ConnectionError", "gaierror", "herror", "IncompleteRead",  # builtins, socket, http.client
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",  # botocore
+    "ClientConnectionError", "ServerTimeoutError", "ClientPayloadError",  # aiohttp
+})
+_PERMANENT_NAMES = frozenset({
+    "PermissionError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "TypeError", "ValueError",
+    "NoCredentialsError", "PartialCredentialsError",  # botocore
+})
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "TooManyRequestsException", "RequestTimeout", "InternalError", "ServiceUnavailable"})
+_PERMANENT_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket",
+                              "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem"})
+_TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
+                               errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN,
+                               errno.ENOSPC, errno.EDQUOT})  # a full disk can be freed: by pruning, by someone
+_STORAGE_LIBS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "azure", "google",
+                           "fsspec", "requests", "urllib3"})
+_FSYNC_DIR_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+Fault = Literal["transient", "permanent"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
     url: str  # full URL of the checkpoint directory
     step: int
-    manifest: dict | None  # parsed MANIFEST.json, None if missing or unreadable
+    manifest: dict | None  # parsed, well-formed MANIFEST.json; None if missing, unreadable or malformed
     valid: bool
     reason: str  # "" when valid, else why not
+    note: str = ""  # a flaw tolerated in a valid checkpoint, e.g. metrics that had to be ignored
 
 
 def _warn_stderr(msg: str) -> None:
     print(f"runner: warning: {msg}", file=sys.stderr)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def _step_name(step: int) -> str:
     return f"step-{step:09d}"
+
+
+def _fault_of(exc: BaseException) -> Fault | None:
+    """What this one exception says about retrying, or None if it says nothing (look at its cause)."""
+    if isinstance(exc, RunnerError):
+        return "transient" if isinstance(exc, StorageUnavailable) else "permanent"
+    response, status = getattr(exc, "response", None), None
+    if isinstance(response, dict):  # botocore's ClientError
+        code = (response.get("Error") or {}).get("Code")
+        if code in _PERMANENT_CODES:
+            return "permanent"
+        if code in _TRANSIENT_CODES:
+            return "transient"
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _PERMANENT_NAMES:
+        return "permanent"
+    if names & _TRANSIENT_NAMES or getattr(exc, "errno", None) in _TRANSIENT_ERRNOS:
+        return "transient"
+    if status is None:  # other HTTP clients' errors: aiohttp, requests, google, azure
+        values = (getattr(exc, attr, None) for attr in ("status_code", "status", "code"))
+        status = next((v for v in values if type(v) is int), None)
+    if type(status) is not int or status < 400:
+        return None
+    return "transient" if status >= 500 or status in (408, 429) else "permanent"
+
+
+def storage_fault(exc: BaseException) -> Fault:
+    """Classify a storage failure: "transient" if retrying the same operation can help (timeouts, refused or
+    reset connections, HTTP 5xx, throttling, a full disk), else "permanent" (credentials, permissions, no such bucket or
+    path, a value that cannot be serialized, anything unrecognised). Looks through the chain of causes: backends
+    wrap the client's error (s3fs turns a 503 SlowDown into a bare OSError caused by botocore's ClientError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if fault := _fault_of(cause):
+            return fault
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return "permanent"
+
+
+def retry_transient(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS,
+                    backoff_s: float = RETRY_BACKOFF_S) -> T:
+    """fn(), called again after a doubling pause while it fails transiently; then StorageUnavailable naming
+    `what` (e.g. "reading s3://b/ckpt/step-000000005/state.pt"). Other errors propagate at once."""
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if storage_fault(e) == "permanent":
+                raise
+            if attempt >= attempts:
+                detail = str(e) if isinstance(e, RunnerError) else _one_line(e)
+                raise StorageUnavailable(f"{what} failed {attempts} times; last error: {detail}") from e
+        _sleep(backoff_s * 2 ** (attempt - 1))
+        attempt += 1
+
+
+def _is_storage_exc(exc: Exception) -> bool:
+    return isinstance(exc, (OSError, TypeError, ValueError)) or any(
+        cls.__module__.partition(".")[0] in _STORAGE_LIBS for cls in type(exc).__mro__)
+
+
+@contextlib.contextmanager
+def storage_errors(action: str, url: str):
+    """Turn storage failures into one-line StorageError / StorageUnavailable that name the URL and the cause."""
+    try:
+        yield
+    except RunnerError:
+        raise
+    except Exception as e:
+        if not _is_storage_exc(e):
+            raise
+        detail = _one_line(e)
+        if storage_fault(e) == "transient":
+            raise StorageUnavailable(f"cannot {action} {url}: {detail}; try again later, or check the network, "
+                                     "the endpoint and free space") from e
+        raise StorageError(
+            f"cannot {action} {url}: {detail}; check the path, permissions and storage credentials") from e
 
 
 def _open_fs(url: str, storage_options: dict | None):
@@ -71,19 +198,6 @@ def _open_fs(url: str, storage_options: dict | None):
             f"cannot open {url}: {e}; use a local path or an fsspec URL such as s3://bucket/dir") from None
 
 
-@contextlib.contextmanager
-def _io(action: str, url: str):
-    """Turn storage failures into one-line CheckpointErrors that name the URL."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except OSError as e:
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(
-            f"cannot {action} {url}: {detail}; check the path, permissions and storage credentials") from e
-
-
 def _write_synced(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -96,6 +210,10 @@ def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (network, FUSE) cannot fsync a directory: the rename is as durable as they make it.
+        if e.errno not in _FSYNC_DIR_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -105,35 +223,103 @@ def _test_pause() -> None:
         time.sleep(float(os.environ[SLOW_COMMIT_ENV]))
 
 
+def _plain_name(name: object) -> bool:
+    """A file name that stays inside its checkpoint directory and is not the manifest."""
+    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".") and name != MANIFEST
+
+
 def _check_files(files: dict) -> None:
     for name in files:
-        if not name or "/" in name or name.startswith(".") or name == MANIFEST:
+        if not _plain_name(name):
             raise CheckpointError(f"invalid checkpoint file name {name!r}: use a plain name such as state.pt")
 
 
-def _parse_manifest(blob: bytes) -> tuple[dict | None, str]:
+def _fresh_object(name: str, nonce: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{nonce}.{ext}" if dot else f"{name}.{nonce}"
+
+
+def _object(name: str, entry: dict) -> str:
+    """The stored object of a manifest file entry ("object" absent: stored under its own name)."""
+    return entry.get("object", name)
+
+
+def _unreferenced(manifest: dict, present: Iterable[str]) -> list[str]:
+    """Files of a checkpoint directory that its manifest does not reference (leftovers of a failed rewrite)."""
+    referenced = {MANIFEST} | {_object(n, e) for n, e in manifest["files"].items()}
+    return sorted(set(present) - referenced)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _too_deep(obj: object) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _entry_problem(name: str, entry: object) -> str:
+    if not _plain_name(name):
+        return f"file name {_short(name)} is not a plain name"
+    if not isinstance(entry, dict):
+        return f"{name}: entry is not an object"
+    size, sha, obj = entry.get("size"), entry.get("sha256"), _object(name, entry)
+    if type(size) is not int or size < 0:
+        return f"{name}: size {_short(size)} is not a non-negative integer"
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+        return f"{name}: sha256 {_short(sha)} is not 64 hex digits"
+    if not _plain_name(obj):
+        return f"{name}: object {_short(obj)} is not a plain name"
+    return ""
+
+
+def _parse_manifest(blob: bytes, step: int) -> tuple[dict | None, str, str]:
+    """The one gate for manifests: (manifest, problem, note). A manifest with a problem comes back as None, so
+    no consumer ever sees a malformed one; `note` names a flaw that is tolerated (metrics ignored)."""
     try:
         manifest = json.loads(blob)
-    except ValueError as e:
-        return None, f"manifest unreadable: {e}"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-            for e in files.values()):
-        return (manifest if isinstance(manifest, dict) else None), "manifest malformed: bad 'files' table"
-    return manifest, ""
+    except (ValueError, RecursionError) as e:  # RecursionError: crafted nesting such as "[" * 100000
+        return None, f"manifest unreadable: {_one_line(e)}", ""
+    if not isinstance(manifest, dict):
+        return None, "manifest malformed: not a JSON object", ""
+    if _too_deep(manifest):
+        return None, f"manifest malformed: nested deeper than {_MAX_DEPTH} levels", ""
+    if "step" in manifest and (type(manifest["step"]) is not int or manifest["step"] != step):
+        return None, f"manifest step {_short(manifest['step'])} != directory step {step}", ""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None, "manifest malformed: no 'files' object", ""
+    for name, entry in files.items():
+        if problem := _entry_problem(name, entry):
+            return None, f"manifest malformed: {problem}", ""
+    if isinstance(manifest.get("metrics", {}), dict):
+        return manifest, "", ""
+    return {**manifest, "metrics": {}}, "", "metrics ignored: not a JSON object"
 
 
-def _size_problem(manifest: dict, step: int, sizes: dict[str, int]) -> str:
-    """Cheap validity check: the step matches the directory and every file has its recorded size."""
-    if manifest.get("step", step) != step:
-        return f"manifest step {manifest.get('step')} != directory step {step}"
+def _size_problem(manifest: dict, sizes: dict[str, int]) -> str:
+    """Cheap validity check: every file's object is present with its recorded size."""
     for name, entry in sorted(manifest["files"].items()):
-        if name not in sizes:
+        obj = _object(name, entry)
+        if obj not in sizes:
             return f"{name}: missing"
-        if sizes[name] != entry["size"]:
-            return f"{name}: size {sizes[name]} != {entry['size']}"
+        if sizes[obj] != entry["size"]:
+            return f"{name}: size {sizes[obj]} != {entry['size']}"
     return ""
+
+
+def _score(info: CheckpointInfo, metric: str | None) -> int | float | None:
+    """The retention metric of a valid checkpoint; None (unscored) unless it is a finite number."""
+    value = info.manifest.get("metrics", {}).get(metric)
+    return value if type(value) is int or (type(value) is float and math.isfinite(value)) else None
 
 
 class CheckpointStore:
@@ -154,22 +340,48 @@ class CheckpointStore:
     def _url(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    def probe(self) -> None:
+        """Write, read back and delete a small object, so that a wrong URL, permission, credential or endpoint
+        fails now, in one line, rather than at the first checkpoint. Transient failures are retried."""
+        retry_transient(self._probe_once, f"probing {self.url}")
+
+    def _probe_once(self) -> None:
+        path = self._path(f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+        data = f"runner storage probe {path}".encode()
+        with storage_errors("write, read back and delete a probe object in", self.url):
+            if self.local:
+                os.makedirs(self.root, exist_ok=True)
+            try:
+                self.fs.pipe_file(path, data)
+                back = self.fs.cat_file(path)
+            except Exception:
+                with contextlib.suppress(Exception):  # best effort: the first error is the one to report
+                    self.fs.rm_file(path)
+                raise
+            self.fs.rm_file(path)  # a store that cannot delete cannot prune either
+        if back != data:
+            raise StorageError(f"cannot use {self.url}: a probe object read back different bytes than were "
+                               "written; check the storage endpoint")
+
     def commit(self, step: int, files: dict[str, bytes], meta: dict) -> str:
         """Atomically write checkpoint `step-{step:09d}` holding `files`; returns its URL."""
         _check_files(files)
         name, url = _step_name(step), self._url(_step_name(step))
+        nonce = uuid.uuid4().hex[:12]
+        objects = {n: n if self.local else _fresh_object(n, nonce) for n in files}
         # Hash the bytes as given: one pass in memory, never re-read what we just wrote.
-        entries = {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()}
+        entries = {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest(),
+                       **({} if objects[n] == n else {"object": objects[n]})} for n, b in files.items()}
         manifest = {**meta, "step": step, "files": entries, "committed_at": time.time()}
         try:
             blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot write {url}: checkpoint metadata is not JSON ({e})") from None
-        with _io("write checkpoint", url):
+        with storage_errors("write checkpoint", url):
             if self.local:
                 self._commit_local(name, files, blob)
             else:
-                self._commit_object(name, files, blob)
+                self._commit_object(name, {objects[n]: data for n, data in files.items()}, blob)
         return url
 
     def _commit_local(self, name: str, files: dict[str, bytes], blob: bytes) -> None:
@@ -185,7 +397,7 @@ class CheckpointStore:
             _fsync_dir(tmp)
             final, aside = self._path(name), None
             if os.path.lexists(final):  # rename() cannot replace a non-empty directory: move it aside
-                aside = self._path(f"{_TMP_PREFIX}old-{name}-{uuid.uuid4().hex}")
+                aside = self._path(f"{_ASIDE_PREFIX}{name}-{uuid.uuid4().hex}")  # cleanup_partial restores it
                 os.replace(final, aside)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -195,14 +407,25 @@ class CheckpointStore:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit_object(self, name: str, files: dict[str, bytes], blob: bytes) -> None:
+    def _commit_object(self, name: str, objects: dict[str, bytes], blob: bytes) -> None:
         base = self._path(name)
-        if self.fs.exists(base):  # a leftover or an older write of the same step
-            self._delete(base)
-        for fname, data in files.items():
-            self.fs.pipe_file(f"{base}/{fname}", data)
+        for obj, data in objects.items():  # fresh names: the previous version of this step stays intact
+            self.fs.pipe_file(f"{base}/{obj}", data)
         _test_pause()
         self.fs.pipe_file(f"{base}/{MANIFEST}", blob)  # a single PUT: the commit point
+        try:
+            self.fs.invalidate_cache(base)
+            for obj in sorted(set(self._relative_files(base)) - {MANIFEST, *objects}):
+                self.fs.rm_file(f"{base}/{obj}")
+        except Exception as e:
+            if not _is_storage_exc(e):
+                raise
+            # Committed all the same: the stale objects cost space, and cleanup_partial removes them later.
+            _warn_stderr(f"committed {self._url(name)} but could not delete the objects it replaced "
+                         f"({_one_line(e)}); `cleanup_partial` removes them later")
+
+    def _relative_files(self, base: str) -> list[str]:
+        return [p[len(base) + 1:] for p in self.fs.find(base)]
 
     def _delete(self, path: str) -> None:
         """Manifest first, then the data, so a half-deleted checkpoint never looks valid."""
@@ -230,26 +453,26 @@ class CheckpointStore:
                     files[rest] = entry["size"]
         return dirs
 
-    def _load_manifest(self, path: str) -> tuple[dict | None, str]:
+    def _load_manifest(self, name: str, step: int) -> tuple[dict | None, str, str]:
         try:
-            blob = self.fs.cat_file(f"{path}/{MANIFEST}")
+            blob = self.fs.cat_file(f"{self._path(name)}/{MANIFEST}")
         except FileNotFoundError:
-            return None, "manifest missing"
-        return _parse_manifest(blob)
+            return None, "manifest missing", ""
+        return _parse_manifest(blob, step)
 
     def _cheap_info(self, name: str, step: int, sizes: dict[str, int]) -> CheckpointInfo:
-        manifest, reason = (None, "manifest missing")
+        manifest, reason, note = None, "manifest missing", ""
         if MANIFEST in sizes:  # saves a request per manifest-less directory
-            manifest, reason = self._load_manifest(self._path(name))
+            manifest, reason, note = self._load_manifest(name, step)
         if not reason:
-            reason = _size_problem(manifest, step, sizes)
-        return CheckpointInfo(self._url(name), step, manifest, not reason, reason)
+            reason = _size_problem(manifest, sizes)
+        return CheckpointInfo(self._url(name), step, manifest, not reason, reason, note)
 
     def list(self) -> list[CheckpointInfo]:
         """Every step-* directory, ascending step; validity by manifest and file sizes (no hashing)."""
-        with _io("list checkpoints under", self.url):
+        with storage_errors("list checkpoints under", self.url):
             infos = [self._cheap_info(name, int(m.group(1)), sizes)
-                     for name, sizes in self._scan().items() if (m := _STEP_RE.fullmatch(name))]
+                     for name, sizes in self._scan().items() if (m := STEP_RE.fullmatch(name))]
         return sorted(infos, key=lambda i: i.step)
 
     def _locate(self, info_or_url) -> tuple[str, int]:
@@ -257,7 +480,7 @@ class CheckpointStore:
         url = (info_or_url.url if isinstance(info_or_url, CheckpointInfo) else str(info_or_url)).rstrip("/")
         path = self.fs._strip_protocol(url).rstrip("/")
         parent, _, name = path.rpartition("/")
-        m = _STEP_RE.fullmatch(name)
+        m = STEP_RE.fullmatch(name)
         if not m or (parent or "/") != self.root:
             raise CheckpointError(f"{url} is not a checkpoint directory of {self.url} "
                                   f"(expected {self.url}/step-NNNNNNNNN)")
@@ -267,7 +490,7 @@ class CheckpointStore:
         """Cheap check of one checkpoint (manifest and sizes, no hashing)."""
         name, step = self._locate(info_or_url)
         self.fs.invalidate_cache()
-        with _io("read checkpoint", self._url(name)):
+        with storage_errors("read checkpoint", self._url(name)):
             try:
                 entries = self.fs.ls(self._path(name), detail=True)
             except FileNotFoundError:
@@ -289,10 +512,10 @@ class CheckpointStore:
         if not info.valid:
             return info
         name, _ = self._locate(info)
-        with _io("verify checkpoint", info.url):
+        with storage_errors("verify checkpoint", info.url):
             for fname, entry in sorted(info.manifest["files"].items()):
                 try:
-                    ok = self._sha256(f"{self._path(name)}/{fname}") == entry["sha256"]
+                    ok = self._sha256(f"{self._path(name)}/{_object(fname, entry)}") == entry["sha256"]
                 except FileNotFoundError:
                     return replace(info, valid=False, reason=f"{fname}: missing")
                 if not ok:
@@ -311,45 +534,56 @@ class CheckpointStore:
 
     def read_latest(self, name: str = "state.pt", warn=_warn_stderr) -> tuple[CheckpointInfo, bytes] | None:
         """The newest checkpoint whose `name` matches its manifest, with those bytes. Reading is the check, so
-        a large checkpoint is downloaded once, not once to verify and again to load."""
-        for info in reversed(self.list()):
+        a large checkpoint is downloaded once, not once to verify and again to load. Only an invalid or corrupt
+        checkpoint is skipped for an older one: a transient storage error is retried and then raised
+        (StorageUnavailable), so that a network blip never rolls a run back to an older checkpoint."""
+        for info in reversed(retry_transient(self.list, f"listing {self.url}")):
             reason = info.reason
-            if info.valid:
+            if info.valid and name not in info.manifest["files"]:
+                reason = f"{name}: not in its manifest"
+            elif info.valid:
                 try:
-                    return info, self.read(info, name)
-                except CheckpointError as e:
-                    reason = self.verify(info).reason or str(e)  # the precise reason, e.g. which file
+                    return info, retry_transient(functools.partial(self.read, info, name),
+                                                 f"reading {info.url}/{name}")
+                except CorruptCheckpoint as e:
+                    reason = e.reason
             warn(f"skipping checkpoint {info.url}: {reason}; falling back to an earlier one")
         return None
 
     def read(self, info_or_url, name: str = "state.pt") -> bytes:
-        """The bytes of one file, checked against the manifest's size and sha256 (a single read)."""
-        dname, _ = self._locate(info_or_url)
+        """The bytes of one file, checked against the manifest's size and sha256 (a single read). Raises
+        CorruptCheckpoint if they do not match, StorageError / StorageUnavailable if storage fails."""
+        dname, step = self._locate(info_or_url)
         url = f"{self._url(dname)}/{name}"
-        with _io("read", url):
-            manifest, reason = self._load_manifest(self._path(dname))
+        with storage_errors("read", url):
+            manifest, reason, _ = self._load_manifest(dname, step)
             if reason:
-                raise CheckpointError(f"cannot read {url}: {reason}; resume from another checkpoint")
+                raise CorruptCheckpoint(f"cannot read {url}: {reason}; resume from another checkpoint", reason)
             entry = manifest["files"].get(name)
             if entry is None:
                 has = ", ".join(manifest["files"])
                 raise CheckpointError(f"cannot read {url}: not in its manifest (it has: {has})")
             try:
-                data = self.fs.cat_file(f"{self._path(dname)}/{name}")
+                data = self.fs.cat_file(f"{self._path(dname)}/{_object(name, entry)}")
             except FileNotFoundError:
-                msg = f"cannot read {url}: file missing; resume from another checkpoint"
-                raise CheckpointError(msg) from None
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointError(f"{url} is corrupt (size or sha256 differs from its manifest); "
-                                  "delete it or resume from an earlier checkpoint")
+                raise CorruptCheckpoint(f"cannot read {url}: file missing; resume from another checkpoint",
+                                        f"{name}: missing") from None
+        reason = (f"{name}: size {len(data)} != {entry['size']}" if len(data) != entry["size"] else
+                  f"{name}: sha256 mismatch" if hashlib.sha256(data).hexdigest() != entry["sha256"] else "")
+        if reason:
+            raise CorruptCheckpoint(f"{url} is corrupt ({reason}); delete it or resume from an earlier checkpoint",
+                                    reason)
         return data
 
-    def prune(self, keep_last: int, keep_best: int = 0, metric: str | None = None,
-              mode: str = "min") -> list[str]:
+    def prune(self, keep_last: int, keep_best: int = 0, metric: str | None = None, mode: str = "min", *,
+              run_id: str | None = None) -> list[str]:
         """Delete all but the last `keep_last` and best `keep_best` valid checkpoints; returns their URLs.
 
         keep_last <= 0 keeps everything. Invalid checkpoints newer than the newest valid one are left
         alone: on an object store that may be a write still in progress (cleanup_partial handles them).
+        A metric that is missing, not a number, NaN or infinite never ranks as best. With `run_id`, only
+        that run's checkpoints (manifest "run_id"; none: LEGACY_RUN_ID) are considered or deleted; a checkpoint
+        without a readable manifest belongs to no run: it is not deleted.
         """
         if mode not in ("min", "max") or (keep_best > 0 and not metric):
             raise CheckpointError(f"bad retention for {self.url}: need mode 'min' or 'max' and a metric "
@@ -357,88 +591,55 @@ class CheckpointStore:
         if keep_last <= 0:
             return []
         infos = self.list()
+        if run_id is not None:
+            infos = [i for i in infos if i.manifest and str(i.manifest.get("run_id") or LEGACY_RUN_ID) == run_id]
         valid = [i for i in infos if i.valid]
         if not valid:
             return []
         keep = {i.step for i in valid[-keep_last:]}
-        scored = [i for i in valid if isinstance((i.manifest.get("metrics") or {}).get(metric), (int, float))]
-        scored.sort(key=lambda i: i.manifest["metrics"][metric], reverse=(mode == "max"))
+        scored = [i for i in valid if _score(i, metric) is not None]
+        scored.sort(key=lambda i: _score(i, metric), reverse=(mode == "max"))
         keep |= {i.step for i in scored[:max(keep_best, 0)]}
         doomed = [i for i in infos if i.step not in keep and i.step < valid[-1].step]
-        with _io("delete checkpoints under", self.url):
+        with storage_errors("delete checkpoints under", self.url):
             for info in doomed:
                 self._delete(self._path(info.url.rsplit("/", 1)[-1]))
         return [i.url for i in doomed]
 
     def cleanup_partial(self) -> list[str]:
-        """Remove leftovers of interrupted writes: .tmp-* dirs and step dirs with no MANIFEST.json.
+        """Remove leftovers of interrupted writes: .tmp-* dirs, step dirs with no MANIFEST.json, and objects
+        in a valid step dir that its manifest does not reference (a failed rewrite). Returns their URLs.
 
         Call it only when no other process is writing to this store (e.g. at start-up, on rank 0).
         """
         removed = []
-        with _io("clean up", self.url):
-            for name, sizes in sorted(self._scan().items()):
-                if name.startswith(_TMP_PREFIX) or (_STEP_RE.fullmatch(name) and MANIFEST not in sizes):
+        with storage_errors("clean up", self.url):
+            scanned = self._scan()
+            for name, sizes in sorted(scanned.items()):
+                m = STEP_RE.fullmatch(name)
+                if name.startswith(_ASIDE_PREFIX):  # a re-commit killed between its two renames
+                    original = name[len(_ASIDE_PREFIX):].rsplit("-", 1)[0]
+                    if original not in scanned and STEP_RE.fullmatch(original):
+                        os.replace(self._path(name), self._path(original))  # the committed version comes back
+                        continue
+                if name.startswith((_TMP_PREFIX, _ASIDE_PREFIX)) or (m and MANIFEST not in sizes):
                     self._delete(self._path(name))
                     removed.append(self._url(name))
+                elif m and (info := self._cheap_info(name, int(m.group(1)), sizes)).valid:
+                    for obj in _unreferenced(info.manifest, sizes):
+                        self.fs.rm_file(f"{self._path(name)}/{obj}")
+                        removed.append(f"{self._url(name)}/{obj}")
         return removed
-
-
-def _human(n: int) -> str:
-    unit = next(u for u in range(4) if n < 1024 ** (u + 1) or u == 3)
-    return f"{n} B" if unit == 0 else f"{n / 1024 ** unit:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
-
-
-def _row(info: CheckpointInfo) -> list[str]:
-    # Tolerant of odd manifests: the listing is how a user finds out what is wrong with them.
-    m = info.manifest or {}
-    t = m.get("committed_at")
-    when = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if isinstance(
-        t, (int, float)) else "-"
-    files = m.get("files") if isinstance(m.get("files"), dict) else {}
-    size = _human(sum(e.get("size", 0) for e in files.values() if isinstance(e, dict))) if files else "-"
-    metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
-    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in sorted(metrics.items())) or "-"
-    status = "valid" if info.valid else f"INVALID: {info.reason}"
-    return [str(info.step), str(m.get("epoch", "-")), when, size, shown, status]
-
-
-def _table(infos: list[CheckpointInfo]) -> str:
-    rows = [["step", "epoch", "time (UTC)", "size", "metrics", "status"]] + [_row(i) for i in infos]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows)
-
-
-def describe_listing(store: CheckpointStore) -> str:
-    """A table of every checkpoint in `store` (cheap check, no hashing)."""
-    infos = store.list()
-    return _table(infos) if infos else f"no checkpoints under {store.url}"
 
 
 def open_checkpoint(url: str, storage_options: dict | None = None) -> tuple[CheckpointStore, CheckpointInfo]:
     """The store holding the step-* directory `url`, and that checkpoint's (cheap) info."""
     url = url.rstrip("/")
     parent, _, name = url.rpartition("/")
-    if not _STEP_RE.fullmatch(name):
+    if not STEP_RE.fullmatch(name):
         raise CheckpointError(f"{url} does not name a checkpoint directory (expected .../step-NNNNNNNNN)")
     store = CheckpointStore(parent or ".", storage_options)
     info = store.info(url if parent else store._url(name))
     if info.reason == "directory missing":
         raise CheckpointError(f"no checkpoint at {url}; list them with `runner ckpt list <dir>`")
     return store, info
-
-
-def run_verify(url: str, storage_options: dict | None = None) -> tuple[str, int]:
-    """Fully verify one checkpoint (URL names step-*) or every checkpoint of a store; (text, exit code)."""
-    if _STEP_RE.fullmatch(url.rstrip("/").rpartition("/")[2]):
-        store, info = open_checkpoint(url, storage_options)
-        infos = [store.verify(info)]
-    else:
-        store = CheckpointStore(url, storage_options)
-        infos = [store.verify(i) for i in store.list()]
-        if not infos:
-            return f"no checkpoints under {store.url}", 1
-    bad = sum(not i.valid for i in infos)
-    summary = f"{len(infos)} checkpoint(s) verified, {bad} invalid"
-    return _table(infos) + "\n" + summary, 1 if bad else 0

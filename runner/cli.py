@@ -1,4 +1,5 @@
-"""`runner train|summary|ckpt …` — parses arguments, turns RunnerErrors into one line and exit 2."""
+"""`runner train|summary|ckpt …` — parses arguments, turns RunnerErrors into one line and their exit status
+(2: fix the job; 1: storage still unavailable after retries; 4: training diverged)."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,6 @@ import yaml
 
 from .errors import ConfigError, RunnerError
 
-USAGE_EXIT = 2
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -21,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         prefix = f"runner: error (rank {rank}): " if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "runner: error: "
         print(prefix + str(e), file=sys.stderr, flush=True)
-        return USAGE_EXIT
+        return e.exit_status
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,13 +71,12 @@ def model_from_job(cfg):
     import torch
 
     from .data import build_datasets
-    from .loop import build_finetune_model
+    from .job import build_model_for, example_batch
 
     torch.manual_seed(cfg.train.seed)
     data = build_datasets(cfg.data)
-    model, phases, head = build_finetune_model(cfg, data, load_weights=False)
-    example = torch.stack([data.train[i][0] for i in range(min(2, len(data.train)))])
-    return model, example, phases, head
+    model, phases, head = build_model_for(cfg, data)
+    return model, example_batch(data), phases, head
 
 
 def cmd_summary(args) -> int:
@@ -93,7 +90,7 @@ def cmd_summary(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import CheckpointStore
     from .export import export
-    from .finetune import load_pretrained
+    from .weights import load_pretrained
 
     cfg = load_job(args)
     model, example, _, _ = model_from_job(cfg)
@@ -120,14 +117,15 @@ def storage_options(args) -> dict:
 
 
 def cmd_ckpt_ls(args) -> int:
-    from .checkpoint import CheckpointStore, describe_listing
+    from .checkpoint import CheckpointStore
+    from .store_cli import describe_listing
 
     print(describe_listing(CheckpointStore(args.url, storage_options(args))))
     return 0
 
 
 def cmd_ckpt_verify(args) -> int:
-    from .checkpoint import run_verify
+    from .store_cli import run_verify
 
     text, code = run_verify(args.url, storage_options(args))
     print(text)

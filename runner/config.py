@@ -2,13 +2,18 @@
 
 YAML plus `a.b=value` overrides are merged into one dict, then converted field by field into the
 dataclasses below. Every error names the file and the dotted key and, for typos, the closest key.
+Checkpoint manifests store the resolved config as JSON, so every value must survive a JSON round trip; secrets
+(storage credentials, passwords) are redacted wherever the config is printed or stored.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
-import hashlib
+import functools
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +139,8 @@ class CheckpointConfig:
     """Metric ranking the best checkpoints (e.g. val_loss)."""
     mode: Literal["min", "max"] = "min"
     """Whether smaller or larger `metric` is better."""
+    lease_ttl_s: float = 30.0
+    """Rank 0 holds a lease on the directory, renewed every third of this; another run waits for it to lapse."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +149,9 @@ class ResumeConfig:
     """auto: newest valid checkpoint if any; never: always start fresh; or a checkpoint URL."""
     allow_world_size_change: bool = False
     """Resume a checkpoint written with another world size (changes the data order)."""
-    allow_config_change: bool = False
-    """Resume even though the model or data config differ from the checkpoint's."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Dotted config keys (or section prefixes such as `optim` or `scheduler.args`) whose values may differ from
+    the resumed checkpoint's; the new values are applied. Any other change to what trains is refused."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Transfer learning: new head and freeze/unfreeze phases."""
     out_dir: Optional[str] = None
-    """Folder for the resolved config and metrics; defaults to runs/<job file name>."""
+    """Local folder for the resolved config and metrics; defaults to runs/<job file name>."""
 
     @property
     def checkpoint_dir(self) -> str:
@@ -244,7 +252,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 def check_values(cfg: RunConfig, source: Path) -> None:
     """Values that are well-typed but cannot work, caught before anything runs."""
     positive = {"data.batch_size": cfg.data.batch_size, "train.accumulate": cfg.train.accumulate,
-                "train.max_epochs": cfg.train.max_epochs, "dist.timeout_s": cfg.dist.timeout_s}
+                "train.max_epochs": cfg.train.max_epochs, "dist.timeout_s": cfg.dist.timeout_s,
+                "checkpoint.lease_ttl_s": cfg.checkpoint.lease_ttl_s}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {value}")
@@ -252,6 +261,48 @@ def check_values(cfg: RunConfig, source: Path) -> None:
         raise ConfigError(f"{source}: data.num_workers, checkpoint.keep_last and checkpoint.keep_best must be >= 0")
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError(f"{source}: 'checkpoint.keep_best' needs 'checkpoint.metric' (e.g. val_loss) to rank by")
+    if cfg.out_dir and "://" in cfg.out_dir:
+        raise ConfigError(f"{source}: 'out_dir' is {cfg.out_dir!r}; out_dir must be a local folder (config.yaml, "
+                          "metrics.jsonl are written there); checkpoint.dir can be any fsspec URL")
+    for key in cfg.resume.allow_changes:
+        if not is_config_key(key):
+            close = difflib.get_close_matches(key, schema(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; use dotted keys such as optim.lr or scheduler.args"
+            raise ConfigError(f"{source}: 'resume.allow_changes' lists '{key}', which is not a config key{hint}")
+    check_json_safe(to_dict(cfg), source)
+
+
+JSON_NOTE = "checkpoints store the config as JSON"
+
+
+def check_json_safe(value: Any, source: Path | str, key: str = "") -> None:
+    """Refuse values a JSON round trip would change or reject (YAML dates, sets, bytes, non-string keys, nan)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{source}: '{key}' has the key {k!r} ({type(k).__name__}); quote it ('{k}'): "
+                                  f"{JSON_NOTE}, whose keys are strings")
+            check_json_safe(v, source, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_json_safe(v, source, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' is {value}; use a finite number: {JSON_NOTE}")
+    elif value is not None and not isinstance(value, (str, int, float)):  # bool is an int
+        raise ConfigError(f"{source}: '{key}' {not_json(value)}: {JSON_NOTE}")
+
+
+def not_json(value: Any) -> str:
+    """What is wrong with a value YAML produced but JSON cannot hold, and how to write it instead."""
+    if isinstance(value, datetime.datetime):
+        return f"is a date and time ({value}); quote it ('{value}')"
+    if isinstance(value, datetime.date):
+        return f"is a date ({value}); quote it ('{value}')"
+    if isinstance(value, (set, frozenset)):
+        return "is a set (!!set); write a list instead"
+    if isinstance(value, bytes):
+        return "is binary data (!!binary); give a string instead (e.g. a path to the file)"
+    return f"is a {type(value).__name__}; use a string, number, true/false, list or mapping"
 
 
 def apply_override(raw: dict, item: str, source: Path | str) -> None:
@@ -272,6 +323,13 @@ def apply_override(raw: dict, item: str, source: Path | str) -> None:
                           "quote it for the shell, e.g. 'key=[1, 2]'") from None
 
 
+# Keys that older job files may still use, with what replaced them.
+REPLACED_KEYS = {
+    "resume.allow_config_change": "resume.allow_config_change was replaced by resume.allow_changes: list the keys "
+                                  "that may change, e.g. [optim.lr]",
+}
+
+
 def build(cls, raw: Any, source: Path | str, prefix: str = ""):
     """Convert a raw dict into dataclass `cls`, checking keys and types; errors name the dotted key."""
     where = prefix.rstrip(".") or "top level"
@@ -282,6 +340,8 @@ def build(cls, raw: Any, source: Path | str, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if f"{prefix}{key}" in REPLACED_KEYS:
+            raise ConfigError(f"{source}: {REPLACED_KEYS[f'{prefix}{key}']}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
@@ -340,15 +400,68 @@ def convert_scalar(hint, value, source, key):
     raise ConfigError(f"{source}: '{key}' must be {name}, got {value!r}")
 
 
+@functools.cache
+def schema(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the config, sections included (`optim`, `optim.lr`, `optim.args`, …) → its type."""
+    keys = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        key, inner = f"{prefix}{name}", unwrap_optional(hint)
+        keys[key] = inner
+        if dataclasses.is_dataclass(inner):
+            keys.update(schema(inner, key + "."))
+    return keys
+
+
+def is_config_key(key: str) -> bool:
+    """A schema key, or a key inside a free-form mapping (model.args, checkpoint.storage_options, …)."""
+    return key in schema() or any(key.startswith(k + ".") for k, hint in schema().items() if hint is dict)
+
+
+def unwrap_optional(hint):
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+REDACTED = "<redacted>"
+# Key names whose values are secrets: s3fs key/secret/token, adlfs account_key/sas_token/connection_string,
+# passwords, … Matched as word endings (tokenizer, max_tokens, author and keyword stay visible; apikey does not).
+SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "passphrase", "credential", "credentials", "sas",
+                "signature", "auth", "private")
+# A last word that makes the value name, locate or describe something rather than be the secret (key_prefix,
+# token_path, secret_name, auth_url, signature_version).
+NON_SECRET_LAST_WORDS = ("url", "uri", "endpoint", "name", "prefix", "path", "file", "filename", "version")
+
+
+def is_secret_key(name: str) -> bool:
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())  # camelCase too
+    if not words or words[-1] in NON_SECRET_LAST_WORDS:
+        return False
+    return "connection_string" in "_".join(words) or any(w.endswith(SECRET_WORDS) for w in words)
+
+
+def redact(obj: Any) -> Any:
+    """A deep copy where the value of every secret-looking mapping key is replaced by "<redacted>".
+
+    A mapping under such a key is searched rather than replaced, so its other keys stay visible; null stays null.
+    """
+    if isinstance(obj, dict):
+        return {k: REDACTED if is_secret_key(str(k)) and not isinstance(v, dict) and v is not None else redact(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def manifest_config(cfg: RunConfig) -> dict:
+    """The resolved config as checkpoints store it: JSON-safe (checked at load) and with secrets redacted."""
+    return redact(to_dict(cfg))
+
+
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def digest(section) -> str:
-    """Stable short hash of a config section; stored in checkpoints to detect incompatible resumes."""
-    text = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The resolved config for printing and config.yaml, with secrets redacted."""
+    return yaml.safe_dump(manifest_config(cfg), sort_keys=False)

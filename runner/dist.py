@@ -13,7 +13,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
-from .errors import ConfigError
+from .errors import ConfigError, RunnerError
 from .metrics import warn
 
 
@@ -108,6 +108,11 @@ def all_sum(values: list[float], env: DistEnv) -> list[float]:
     return all_reduce(values, tdist.ReduceOp.SUM, env)
 
 
+def all_min(values: list[float], env: DistEnv) -> list[float]:
+    """The smallest value over ranks, e.g. the seconds left before a deadline (clocks differ across nodes)."""
+    return all_reduce(values, tdist.ReduceOp.MIN, env)
+
+
 def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
     """For each flag: true on every rank if it is true on any rank — how ranks agree on control flow."""
     return [v > 0 for v in all_reduce([float(f) for f in flags], tdist.ReduceOp.MAX, env)]
@@ -140,6 +145,21 @@ def broadcast(obj, env: DistEnv):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_rank0(fn, env: DistEnv):
+    """fn() on rank 0, its result on every rank; a RunnerError it raises is raised on every rank, so one rank's
+    refusal does not leave the others waiting in the next collective until the timeout."""
+    outcome = None
+    if env.is_main:
+        try:
+            outcome = (fn(), None)
+        except RunnerError as e:
+            outcome = (None, e)
+    result, error = broadcast(outcome, env)
+    if error is not None:
+        raise error
+    return result
 
 
 def gather(obj, env: DistEnv) -> list:

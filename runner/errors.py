@@ -1,8 +1,10 @@
-"""One exception family: the CLI prints these as one line and exits 2; anything else is a bug."""
+"""One exception family: the CLI prints these as one line and exits with `exit_status`; anything else is a bug."""
 
 
 class RunnerError(Exception):
     """A problem the user can fix: bad config, bad checkpoint, missing package."""
+
+    exit_status = 2  # the user must change something before running again
 
 
 class ConfigError(RunnerError):
@@ -11,3 +13,21 @@ class ConfigError(RunnerError):
 
 class CheckpointError(RunnerError):
     """A checkpoint cannot be written, read, verified or trusted."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's content does not match its manifest, or it has no usable manifest: use another one."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message  # short, e.g. "state.pt: sha256 mismatch", for "skipping …" warnings
+
+
+class StorageError(CheckpointError):
+    """Storage refuses permanently (credentials, permissions, no such bucket or path): retrying cannot help."""
+
+
+class StorageUnavailable(CheckpointError):
+    """Storage did not answer (timeouts, refused connections, 5xx, throttling), still after retries."""
+
+    exit_status = 1  # the same command may succeed later

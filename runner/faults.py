@@ -2,6 +2,9 @@
 
 RUNNER_TEST_FAIL_AT_STEP="STEP[:RANK]"   raise after optimizer step STEP on RANK (default 0)
 RUNNER_TEST_HANG_AT_STEP="STEP[:RANK]"   sleep forever after that step (a hung peer)
+RUNNER_TEST_SIGNAL_AT_STEP="STEP[:RANK]" send SIGTERM to this process after that step (a stop that lands
+                                          exactly on a given step)
+RUNNER_TEST_FAIL_COMMIT_STEP=STEP        the checkpoint writer's commit of that step raises a transient OSError
 RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
                                           (so a restarted job does not fail again)
 RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in checkpoint.py: pause between data files and manifest
@@ -11,13 +14,16 @@ RUNNER_TEST_DUMP_WEIGHTS=DIR             when training ends, every rank saves it
 """
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import time
 from pathlib import Path
 
 
 def inject_fault(step: int, env) -> None:
-    for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang")):
+    for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang"),
+                        ("RUNNER_TEST_SIGNAL_AT_STEP", "signal")):
         spec = os.environ.get(var)
         if not spec:
             continue
@@ -26,8 +32,17 @@ def inject_fault(step: int, env) -> None:
             continue
         if action == "fail":
             raise RuntimeError(f"injected test fault at step {step} on rank {env.rank} ({var})")
+        if action == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         while True:
             time.sleep(3600)
+
+
+def fail_commit(step: int) -> None:
+    """RUNNER_TEST_FAIL_COMMIT_STEP: the writer's commit of `step` fails as an unreachable store would."""
+    if os.environ.get("RUNNER_TEST_FAIL_COMMIT_STEP") == str(step):
+        raise OSError(errno.EIO, f"injected storage fault committing step {step}")
 
 
 def _first_time() -> bool:

@@ -1,106 +1,58 @@
 """The training loop: resume → epochs of train then eval → checkpoint cadence → stop.
 
-`train()` owns the lifecycle; `run()` reads top to bottom; every decision is a call into a module.
+`train()` owns the lifecycle; `run()` reads top to bottom; every decision is a call into a module: building
+the job (job.py), the save/resume protocol (checkpointer.py), the stop agreement (preemption.py).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
+import math
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from . import __version__, dist, finetune, preemption
-from .components import build_loss, build_model, build_optimizer, build_scheduler
-from .config import RunConfig, digest, dump_yaml, to_dict
-from .data import Datasets, SeededDataset, ShardedSampler, build_datasets, make_loader, seed_all
+from . import dist, finetune, preemption
+from .checkpointer import Checkpointer
+from .config import RunConfig, dump_yaml
+from .data import SeededDataset, ShardedSampler, make_loader
 from .dist import DistEnv
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .faults import dump_weights, inject_fault
-from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
-from .saving import Checkpointer
-from .state import Progress, capture, load_bytes, restore
+from .job import Job, build_job
+from .metrics import ProgressBar, StepRecord, format_epoch, log, write_history
+from .state import TrainState
 
 EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
 
 
-@dataclass
-class Job:
-    """Everything built from the config; `model` is the plain module, `wrapped` what trains (DDP or not)."""
-    cfg: RunConfig
-    env: DistEnv
-    data: Datasets
-    model: nn.Module
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    phases: list
-    checkpointer: Checkpointer
-    steps: StepRecord
-    wrapped: nn.Module | None = None
-    phase: int | None = None
-
-
 def train(cfg: RunConfig) -> int:
-    """Entry point: set up, run, and always release the process group. Returns the exit status."""
+    """Entry point: set up, run, and always release the process group and the store's lease. Returns the
+    exit status."""
     env = dist.setup(cfg.dist, cfg.train.device)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
-    job = None
+    ckpt = steps = None
     try:
         job = build_job(cfg, env)
-        return run(job)
-    except BaseException:
-        if job is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
-            job.checkpointer.wait(cfg.preemption.grace_s)
-        raise
+        ckpt, steps = Checkpointer(cfg, env), StepRecord(cfg.out_dir, env.is_main)
+        return run(job, ckpt, steps)
     finally:
-        if job is not None:
-            job.steps.close()
+        if ckpt is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
+            ckpt.close(cfg.preemption.grace_s)
+        if steps is not None:
+            steps.close()
         preemption.uninstall(handlers)
         dist.teardown()
 
 
-def build_job(cfg: RunConfig, env: DistEnv) -> Job:
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    data = build_datasets(cfg.data)
-    model, phases, head = build_finetune_model(cfg, data, env)
-    model.to(env.device)
-    optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
-    if cfg.train.precision == "fp16" and env.device.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-    return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
-               build_scheduler(cfg.scheduler, optimizer), scaler, phases,
-               Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, env), StepRecord(cfg.out_dir, env.is_main))
-
-
-def build_finetune_model(cfg: RunConfig, data: Datasets, env: DistEnv | None = None, load_weights: bool = True):
-    """The model as training sees it: built, pretrained weights loaded, head replaced; with its phase plan."""
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
-    head = cfg.finetune.head.module if cfg.finetune.head else None
-    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
-    finetune.validate_plan(model, phases, head)  # first: a misnamed module fails naming its key, before any load
-    if cfg.model.init_from and load_weights:
-        log(finetune.load_pretrained(model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
-                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                     new_head=head), env)
-    if cfg.finetune.head:
-        finetune.replace_head(model, head, cfg.finetune.head.num_classes)
-    return model, phases, head
-
-
-def run(job: Job) -> int:
+def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
     cfg, env = job.cfg, job.env
-    progress, sums = resume(job)
-    if progress.finished:
-        log(f"training already finished at step {progress.step} (checkpoints in {cfg.checkpoint_dir}); "
-            "nothing to do. Use another checkpoint.dir or resume.mode=never to train again.", env)
+    state = ckpt.start(job, steps.last())
+    if state.finished:
+        log(f"training already finished at step {state.step} (run {ckpt.lineage.run_id} in {cfg.checkpoint_dir}); "
+            "nothing to do. To train longer raise train.max_epochs or train.max_steps; for a new run use another "
+            "checkpoint.dir", env)
         return 0
     announce(job)
     batch_size = cfg.data.batch_size
@@ -109,57 +61,64 @@ def run(job: Job) -> int:
     seeded = SeededDataset(job.data.train, cfg.train.seed)
     loader = make_loader(seeded, sampler, batch_size, cfg.data.num_workers)
     while True:
-        enter_phase(job, finetune.phase_at(job.phases, progress.epoch))
-        seeded.epoch = progress.epoch
-        sampler.set_epoch(progress.epoch, start=progress.batch_in_epoch * batch_size)
-        outcome = train_epoch(job, loader, progress, sums)
+        enter_phase(job, finetune.phase_at(job.phases, state.epoch))
+        seeded.epoch = state.epoch
+        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * batch_size)
+        outcome = train_epoch(job, ckpt, steps, loader, state)
         if outcome == PREEMPTED:
-            return emergency_save(job, progress, sums)
-        stop_early = end_epoch(job, progress, sums, complete=outcome == EPOCH_END)
-        progress.finished = (outcome == MAX_STEPS or stop_early or progress.epoch >= cfg.train.max_epochs
-                             or reached_max_steps(cfg, progress))
-        # train_epoch leaves a step-cadence save on the epoch's or the run's last step to here (after end_epoch)
-        if ((outcome == EPOCH_END and cfg.checkpoint.every_epoch) or (progress.finished and cfg.checkpoint.at_end)
-                or job.checkpointer.step_due(progress.step)):
-            save(job, progress, sums)
-        if progress.finished:
+            return ckpt.emergency_save(job, state)
+        stop_early = end_epoch(job, state, complete=outcome == EPOCH_END)
+        state.finished = (outcome == MAX_STEPS or stop_early or state.epoch >= cfg.train.max_epochs
+                          or reached_max_steps(cfg, state))
+        ckpt.maybe_save(job, state, epoch_end=outcome == EPOCH_END)
+        if state.finished:
             break
-    if not job.checkpointer.wait():
-        warn("the final checkpoint was not saved; see the error above", env)
+    status = ckpt.finish(state)
     dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
     dump_weights(job.model, env)
-    log(f"done: {progress.step} steps, {progress.epoch} epochs", env)
-    return 0
+    log(f"done: {state.step} steps, {state.epoch} epochs", env)
+    return status
 
 
-def train_epoch(job: Job, loader, progress: Progress, sums: list[float]) -> str:
+def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, loader, state: TrainState) -> str:
     """Train until the epoch ends, max_steps is reached, or a stop is requested (agreed by all ranks)."""
     cfg, env = job.cfg, job.env
-    total = progress.batch_in_epoch + len(loader)
-    bar = ProgressBar(show_bar(cfg, env), total, progress.epoch, cfg.train.max_epochs, progress.batch_in_epoch)
+    if reached_max_steps(cfg, state) and len(loader):  # stopped on the max_steps step, before end_epoch ran
+        return MAX_STEPS
+    total = state.batch_in_epoch + len(loader)
+    bar = ProgressBar(show_bar(cfg, env), total, state.epoch, cfg.train.max_epochs, state.batch_in_epoch)
+    nonfinite = False
     for x, y in loader:
-        group_start = progress.batch_in_epoch - progress.batch_in_epoch % cfg.train.accumulate
+        group_start = state.batch_in_epoch - state.batch_in_epoch % cfg.train.accumulate
         group_size = min(cfg.train.accumulate, total - group_start)
-        progress.batch_in_epoch += 1
-        boundary = progress.batch_in_epoch - group_start == group_size
-        bar.update(forward_backward(job, x, y, sums, group_size, sync=boundary))
+        state.batch_in_epoch += 1
+        boundary = state.batch_in_epoch - group_start == group_size
+        loss = forward_backward(job, x, y, state.sums, group_size, sync=boundary)
+        nonfinite |= not math.isfinite(loss)
+        bar.update(loss)
         if not boundary:
             continue
         optimizer_step(job)
-        progress.step += 1
+        state.step += 1
         if job.scheduler is not None and cfg.scheduler.interval == "step":
             job.scheduler.step()
-        job.steps.write(progress.step)
-        inject_fault(progress.step, env)
-        stop, save_now = dist.any_rank([preemption.requested() is not None, job.checkpointer.due(progress.step)], env)
+        steps.write(state.step)
+        inject_fault(state.step, env)
+        time_due, broken = ckpt.poll()
+        stop, save_now, nonfinite, broken = dist.any_rank(
+            [preemption.requested() is not None, time_due, nonfinite, broken], env)
+        if nonfinite:
+            ckpt.raise_diverged(state, "non-finite loss")
+        if broken:
+            ckpt.raise_broken()
         if stop:
             bar.close()
             return PREEMPTED
-        if reached_max_steps(cfg, progress) and progress.batch_in_epoch < total:
+        if reached_max_steps(cfg, state) and state.batch_in_epoch < total:
             bar.close()
             return MAX_STEPS
-        if save_now and progress.batch_in_epoch < total:  # at the epoch's end, end_epoch's save covers it
-            save(job, progress, sums)
+        if state.batch_in_epoch < total:  # at the epoch's end, the save after end_epoch covers it
+            ckpt.maybe_save(job, state, due_now=save_now)
     bar.close()
     return EPOCH_END
 
@@ -201,29 +160,31 @@ def autocast(job: Job):
     return torch.autocast(job.env.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def end_epoch(job: Job, progress: Progress, sums: list[float], complete: bool) -> bool:
+def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
     """Reduce train metrics, evaluate, record history, step the epoch scheduler; True → stop early.
 
     Also called when max_steps ends an epoch early (complete=False): the run's last weights get evaluated,
     and the position stays where training stopped.
     """
     cfg, env = job.cfg, job.env
-    loss_sum, correct, count = dist.all_sum(sums, env)
-    metrics = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(count, 1)}
+    loss_sum, correct, count = dist.all_sum(state.sums, env)
+    metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
     if correct or job.data.num_classes:
         metrics["train_acc"] = correct / max(count, 1)
     metrics.update(evaluate(job))
     metrics["lr"] = job.optimizer.param_groups[-1]["lr"]
-    sums[:] = [0.0, 0.0, 0.0]
+    state.reset_sums()
     if job.scheduler is not None and cfg.scheduler.interval == "epoch":
         step_epoch_scheduler(job, metrics)
-    progress.history.append(metrics)
+    if cfg.checkpoint.keep_best:  # before any save: a misspelled metric must not rank (and prune) by nothing
+        metric_value(metrics, cfg.checkpoint.metric, "checkpoint.metric")
+    state.history.append(metrics)
     if complete:
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-    stop = early_stopping(cfg, progress, metrics)
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    stop = early_stopping(cfg, state, metrics)
     log(format_epoch(metrics) + (" — early stop" if stop else ""), env)
     if env.is_main:
-        write_history(Path(cfg.out_dir) / "metrics.jsonl", progress.history)
+        write_history(Path(cfg.out_dir) / "metrics.jsonl", state.history)
     return stop
 
 
@@ -264,17 +225,17 @@ def step_epoch_scheduler(job: Job, metrics: dict) -> None:
         job.scheduler.step()
 
 
-def early_stopping(cfg: RunConfig, progress: Progress, metrics: dict) -> bool:
+def early_stopping(cfg: RunConfig, state: TrainState, metrics: dict) -> bool:
     es = cfg.train.early_stopping
     if not es.metric:
         return False
     value = metric_value(metrics, es.metric, "train.early_stopping.metric")
     if es.mode == "min":
-        improved = progress.best is None or value < progress.best - es.min_delta
+        improved = state.best is None or value < state.best - es.min_delta
     else:
-        improved = progress.best is None or value > progress.best + es.min_delta
-    progress.best, progress.bad_epochs = (value, 0) if improved else (progress.best, progress.bad_epochs + 1)
-    return progress.bad_epochs >= es.patience
+        improved = state.best is None or value > state.best + es.min_delta
+    state.best, state.bad_epochs = (value, 0) if improved else (state.best, state.bad_epochs + 1)
+    return state.bad_epochs >= es.patience
 
 
 def metric_value(metrics: dict, name: str, key: str) -> float:
@@ -283,8 +244,8 @@ def metric_value(metrics: dict, name: str, key: str) -> float:
     return metrics[name]
 
 
-def reached_max_steps(cfg: RunConfig, progress: Progress) -> bool:
-    return cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps
+def reached_max_steps(cfg: RunConfig, state: TrainState) -> bool:
+    return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
 
 def enter_phase(job: Job, index: int) -> None:
@@ -302,88 +263,6 @@ def enter_phase(job: Job, index: int) -> None:
 
 def show_bar(cfg: RunConfig, env: DistEnv) -> bool:
     return env.is_main and (cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty()))
-
-
-# --- checkpoints -------------------------------------------------------------------------------------------
-
-def meaning_digest(cfg: RunConfig) -> str:
-    """What a checkpoint means: changing any of these makes resuming it wrong, not just different."""
-    parts = [digest(cfg.model), digest(cfg.data), digest(cfg.finetune), cfg.optim.name, str(cfg.train.seed)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def save(job: Job, progress: Progress, sums: list[float], emergency: bool = False) -> None:
-    """All ranks call (RNG and running sums are gathered); rank 0 hands the snapshot to the writer."""
-    data = capture(job.model, job.optimizer, job.scheduler, job.scaler, progress, sums, job.env)
-    meta = {
-        "step": progress.step, "epoch": progress.epoch, "batch_in_epoch": progress.batch_in_epoch,
-        "samples_in_epoch": progress.samples_in_epoch(job.cfg.data.batch_size, job.env.world_size),
-        "world_size": job.env.world_size, "finished": progress.finished,
-        "metrics": progress.history[-1] if progress.history else {},
-        "meaning_digest": meaning_digest(job.cfg), "config": to_dict(job.cfg),
-        "runner_version": __version__, "torch_version": torch.__version__,
-    }
-    job.checkpointer.save(data, meta, emergency)
-
-
-def resume(job: Job) -> tuple[Progress, list[float]]:
-    """Pick the checkpoint on rank 0, agree on it, and load it on every rank; or start fresh."""
-    cfg, env = job.cfg, job.env
-    choice, data = job.checkpointer.find_resume(cfg.resume.mode) if env.is_main else (None, None)
-    found = dist.broadcast(None if choice is None else (choice.url, choice.manifest), env)
-    if found is None:
-        log("fresh start: no checkpoint to resume" + ("" if cfg.resume.mode == "never" else f" in {cfg.checkpoint_dir}"),
-            env)
-        seed_all(hash((cfg.train.seed, env.rank)) & 0x7FFF_FFFF)  # per-rank randomness, reproducible
-        return Progress(), [0.0, 0.0, 0.0]
-    url, manifest = found
-    check_compatible(cfg, env, manifest, url)
-    state = load_bytes(data if env.is_main else job.checkpointer.store.read(url), url)
-    progress, sums = restore(state, job.model, job.optimizer, job.scheduler, job.scaler, env)
-    job.checkpointer.last_committed = progress.step
-    lost = max(0, job.steps.last() - progress.step)
-    log(f"resuming from {url}: step {progress.step}, epoch {progress.epoch + 1}, "
-        f"batch {progress.batch_in_epoch} of the epoch; {lost} step(s) lost since that checkpoint", env)
-    return progress, sums
-
-
-def check_compatible(cfg: RunConfig, env: DistEnv, manifest: dict, url: str) -> None:
-    if manifest.get("meaning_digest") != meaning_digest(cfg) and not cfg.resume.allow_config_change:
-        raise CheckpointError(f"{url} was written by a job with another model, data, fine-tune plan, optimizer "
-                              "or seed; resume it with the original job file, start fresh with "
-                              "resume.mode=never (or another checkpoint.dir), or set resume.allow_config_change=true")
-    saved = manifest.get("world_size")
-    if saved != env.world_size and not cfg.resume.allow_world_size_change:
-        raise CheckpointError(f"{url} was written with world size {saved}, this run has {env.world_size}; the data "
-                              "order depends on it. Relaunch with the same number of processes or set "
-                              "resume.allow_world_size_change=true")
-
-
-def emergency_save(job: Job, progress: Progress, sums: list[float]) -> int:
-    """Stop requested: commit the step reached within the grace period, then exit 'preempted'.
-
-    The grace period counts from the signal. Every rank returns rank 0's outcome (only rank 0 writes).
-    """
-    cfg, env, ckpt = job.cfg, job.env, job.checkpointer
-    t0, end = time.monotonic(), preemption.deadline(cfg.preemption.grace_s)
-    log(f"{preemption.requested() or 'stop requested by another rank'}: saving step {progress.step} "
-        "before exiting", env)
-    ckpt.wait(max(end - time.monotonic(), 0.0))  # a periodic write in flight finishes (or fails) first
-    # Still writing when the time is up: starting another save would block on it past the grace period.
-    if not dist.broadcast(ckpt.writer is not None, env):
-        save(job, progress, sums, emergency=True)
-        ckpt.wait(max(end - time.monotonic(), 0.0))
-    if not dist.broadcast(ckpt.last_committed == progress.step, env):
-        if env.is_main:
-            what = (f"did not complete within preemption.grace_s={cfg.preemption.grace_s:g}"
-                    if ckpt.writer is not None else "failed (see the error above)")
-            last = "none" if ckpt.last_committed is None else ckpt.last_committed
-            warn(f"emergency checkpoint of step {progress.step} {what}; the last committed step is {last}; "
-                 f"exiting with status {preemption.EMERGENCY_SAVE_FAILED_EXIT}", env)
-        return preemption.EMERGENCY_SAVE_FAILED_EXIT
-    log(f"preempted: step {progress.step} committed in {time.monotonic() - t0:.1f}s; exiting with status "
-        f"{preemption.PREEMPTED_EXIT}; run the same command to resume", env)
-    return preemption.PREEMPTED_EXIT
 
 
 def announce(job: Job) -> None:

@@ -26,6 +26,7 @@ WATCHDOG_MARGIN_S = 2.0  # the loop's own grace accounting ends first and says w
 
 _requested: str | None = None
 _since: float | None = None  # time.monotonic() when the first stop signal arrived
+_agreed: float | None = None  # the deadline all ranks agreed on (set_deadline), which replaces grace-from-signal
 
 
 @dataclass
@@ -38,8 +39,8 @@ class Installed:
 def install(extra_signal: str | None, grace_s: float | None = None) -> Installed:
     """Catch SIGTERM, SIGINT and the configured extra signal (default SIGUSR1); with `grace_s`, start the
     watchdog that ends the process if it is still running that long after a stop signal."""
-    global _requested, _since
-    _requested, _since = None, None
+    global _requested, _since, _agreed
+    _requested, _since, _agreed = None, None, None
     names = ["SIGTERM", "SIGINT"] + ([extra_signal] if extra_signal else [])
     sigs = [getattr(signal, name, None) for name in names]
     for name, sig in zip(names, sigs):
@@ -81,9 +82,18 @@ def requested() -> str | None:
 
 
 def deadline(grace_s: float) -> float:
-    """time.monotonic() by which the emergency checkpoint must be committed: grace_s after the signal
-    (or from now, when the stop was agreed because another rank got it)."""
+    """time.monotonic() by which the emergency checkpoint must be committed: the agreed deadline, else grace_s
+    after the signal (or from now, when the stop was agreed because another rank got it)."""
+    if _agreed is not None:
+        return _agreed
     return (_since if _since is not None else time.monotonic()) + grace_s
+
+
+def set_deadline(when: float) -> float:
+    """Adopt the deadline all ranks agreed on (the watchdog follows it too); returns it."""
+    global _agreed
+    _agreed = when
+    return when
 
 
 def _watchdog(pipe_r: int, stop_signals: set[int], grace_s: float) -> None:

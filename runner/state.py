@@ -14,7 +14,8 @@ from .errors import CheckpointError
 
 
 @dataclass
-class Progress:
+class TrainState:
+    """Where training is. All fields but `sums` are the same on every rank; `sums` are this rank's."""
     epoch: int = 0               # current epoch, 0-based
     batch_in_epoch: int = 0      # micro-batches this rank consumed in the current epoch
     step: int = 0                # optimizer steps done
@@ -22,9 +23,17 @@ class Progress:
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
+    sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this rank's running [loss sum, correct, count]
 
     def samples_in_epoch(self, batch_size: int, world_size: int) -> int:
         return self.batch_in_epoch * batch_size * world_size
+
+    def shared(self) -> dict:
+        """The rank-independent part, as stored under "progress" in state.pt."""
+        return {k: v for k, v in asdict(self).items() if k != "sums"}
+
+    def reset_sums(self) -> None:
+        self.sums = [0.0, 0.0, 0.0]
 
 
 def rng_state() -> dict:
@@ -51,26 +60,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(model, optimizer, scheduler, scaler, progress: Progress, sums: list[float],
-            env: DistEnv) -> bytes | None:
+def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv) -> bytes | None:
     """Serialize the training state; every rank must call (per-rank parts are gathered); rank 0 gets the bytes.
 
     Per rank: RNG states and the running metric sums of the epoch, so a resumed rank continues exactly.
     The bytes are the snapshot: training may go on while they are written.
     """
-    ranks = dist.gather({"rng": rng_state(), "sums": list(sums)}, env)
+    ranks = dist.gather({"rng": rng_state(), "sums": list(state.sums)}, env)
     if not env.is_main:
         return None
-    state = {
+    saved = {
         "model": dist.unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "ranks": ranks,
-        "progress": asdict(progress),
+        "progress": state.shared(),
     }
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(saved, buf)
     return buf.getvalue()
 
 
@@ -84,16 +92,22 @@ def load_bytes(data: bytes, source: str) -> dict:
                               "pickled Python objects, which runner never loads") from None
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler, env: DistEnv) -> tuple[Progress, list[float]]:
+def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, source: str) -> TrainState:
     """Load a captured state into freshly built objects; each rank takes its own RNG state and sums."""
-    dist.unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"] is not None and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    ranks = state["ranks"]
-    if env.rank >= len(ranks):  # world size grew (allowed explicitly): new ranks keep their fresh seeds
-        return Progress(**state["progress"]), [0.0, 0.0, 0.0]
-    set_rng_state(ranks[env.rank]["rng"])
-    return Progress(**state["progress"]), list(ranks[env.rank]["sums"])
+    try:
+        dist.unwrap(model).load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # the model or optimizer groups differ from the saved ones
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{source} does not fit this job's model or optimizer ({first}); resume it with "
+                              "the job that wrote it, or start a new run in another checkpoint.dir") from None
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"] is not None and scaler.is_enabled():
+        scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["progress"])
+    ranks = saved["ranks"]
+    if env.rank < len(ranks):  # world size grew (allowed explicitly): new ranks keep their fresh seeds
+        set_rng_state(ranks[env.rank]["rng"])
+        state.sums = list(ranks[env.rank]["sums"])
+    return state

@@ -3,7 +3,6 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,11 +14,7 @@ import uuid
 import pytest
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def _die_with_parent() -> None:
@@ -49,7 +44,7 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, log, timeout: float = 
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server bound to 127.0.0.1 only; stopped at session end."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     with tempfile.TemporaryFile() as log:

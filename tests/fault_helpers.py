@@ -1,5 +1,5 @@
-"""Helpers of the fault-tolerance tests (test_preemption.py, test_chaos.py): launching real runs in their own
-process groups, waiting on observable progress, killing whole process trees, references, a cuttable TCP proxy.
+"""Helpers of the fault-tolerance tests (test_preemption.py, test_chaos.py): finding torchrun's workers, waiting
+on observable progress, references, a cuttable TCP proxy. Launching and killing whole launches is in helpers.py.
 
 Timing on a shared 2-core machine is noisy: nothing here sleeps a fixed time to "let something happen";
 everything waits for a file, a log line or a process state, with generous but bounded timeouts.
@@ -13,13 +13,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
-from helpers import REPO, assert_tensors_equal, child_env, free_port, newest_state, write_job
+from helpers import (assert_tensors_equal, launched, newest_state, proc_stat, runner_cmd, tagged, torchrun_cmd,
+                     write_job)
 
 LAUNCH_TIMEOUT = 240  # one launch, start to exit: a run takes 10-25 s here, mostly importing torch on 2 loaded cores
 STEPS_1, STEPS_2 = 90, 46  # optimizer steps of JOB: 1 process (45 per epoch), 2 ranks (23 per epoch, padded)
@@ -44,99 +43,18 @@ def seeded_rng(name: str) -> random.Random:
     return random.Random(seed)
 
 
-# --- processes ---------------------------------------------------------------------------------------------
-
-def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
-    """Popen in a new session (its own process group), stdout and stderr to `log`.
-
-    Every process of the launch (torchrun's workers, DataLoader workers) inherits FAULT_TEST_TAG=<uuid>, so
-    kill_everything finds them all, even orphans whose parent is gone; nothing else can carry that tag.
-    PYTHONFAULTHANDLER: `finish` makes a launch that hangs print every thread's stack before it is killed.
-    """
-    tag = uuid.uuid4().hex
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env=child_env(OMP_NUM_THREADS=1, PYTHONFAULTHANDLER=1, FAULT_TEST_TAG=tag, **env))
-    proc.tag = tag
-    return proc
-
-
-def runner_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "runner", *map(str, args)]
-
-
-def torchrun_cmd(*args, nproc: int = 2, extra: tuple = ()) -> list[str]:
-    """torchrun, c10d rendezvous on a free loopback port, `--max-restarts=0` unless `extra` says otherwise."""
-    restarts = () if any(str(e).startswith("--max-restarts") for e in extra) else ("--max-restarts=0",)
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}", *restarts, *extra, "-m", "runner", *map(str, args)]
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], pgid [2], starttime [19])."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
+# --- watching a launch -------------------------------------------------------------------------------------
 
 def workers_by_rank(agent: int) -> dict[int, int]:
     """torchrun's worker processes (the agent's direct children), by their RANK."""
     ranks = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := _stat(int(d.name))) and int(st[1]) == agent:
+        if d.name.isdigit() and (st := proc_stat(int(d.name))) and int(st[1]) == agent:
             with contextlib.suppress(OSError):
                 env = dict(v.split("=", 1) for v in (d / "environ").read_text().split("\0") if "=" in v)
                 if "RANK" in env:
                     ranks[int(env["RANK"])] = int(d.name)
     return ranks
-
-
-def tagged(tag: str) -> list[int]:
-    """Live (non-zombie) processes started by the launch with this FAULT_TEST_TAG."""
-    marker = f"FAULT_TEST_TAG={tag}".encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "environ").read_bytes().split(b"\0") and (_stat(int(d.name)) or ["Z"])[0] != "Z":
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
-
-
-def kill_everything(proc: subprocess.Popen, first: int | None = None, timeout: float = 60) -> None:
-    """SIGKILL `first` (if given), then every process of the launch and their process groups (torchrun starts
-    each worker in its own session, so one killpg is not enough); wait until all are gone."""
-    if first is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while pids := tagged(proc.tag):
-        assert time.monotonic() < deadline, f"processes survive SIGKILL: {pids}"
-        for pgid in {int(st[2]) for pid in pids if (st := _stat(pid))}:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(1)
-        else:
-            time.sleep(0.05)
-    proc.wait(timeout)
-
-
-@contextlib.contextmanager
-def launched(cmd: list[str], log: Path, **env):
-    """`start` whose whole process tree is killed on the way out, however the test ends."""
-    proc = start(cmd, log, **env)
-    try:
-        yield proc
-    finally:
-        kill_everything(proc)
 
 
 def text(log: Path) -> str:

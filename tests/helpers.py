@@ -1,13 +1,18 @@
-"""Shared test helpers: tiny job files, running the real CLI and torchrun, reading checkpoints back."""
+"""Shared test helpers: tiny job files; building, launching and running `runner` and torchrun commands, each
+launch in its own session with nothing it started left behind; reading checkpoints back."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -52,38 +57,9 @@ def child_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd: Path | None = None):
-    """`python -m runner ARGS` in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], capture_output=True, text=True,
-                          env=child_env(**(env or {})), timeout=timeout, cwd=cwd or REPO)
+# --- commands --------------------------------------------------------------------------------------------------
 
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, found by parent pid in /proc (torchrun puts workers in their own sessions,
-    so killing its process group would miss them)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def table_row(text: str, first_cell: str) -> list[str]:
-    """The cells of the printed table row starting with `first_cell` (cells are separated by 2+ spaces)."""
-    for line in text.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row for {first_cell}:\n{text}")
+RUNNER_MODULE = ("-m", "runner")  # what torchrun launches unless told otherwise
 
 
 def free_port() -> int:
@@ -92,16 +68,152 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(nproc: int, *args, extra: tuple = ()) -> list[str]:
-    """torchrun on loopback with a free port (standalone rendezvous would pick a port too, but may race)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra,
-            "-m", "runner", *map(str, args)]
+def runner_cmd(*args) -> list[str]:
+    """`python -m runner ARGS` with this interpreter."""
+    return [sys.executable, *RUNNER_MODULE, *map(str, args)]
 
 
-def run_torchrun(nproc: int, *args, env: dict | None = None, timeout: float = 300, extra: tuple = ()):
-    return subprocess.run(torchrun_cmd(nproc, *args, extra=extra), capture_output=True, text=True,
-                          env=child_env(OMP_NUM_THREADS=1, **(env or {})), timeout=timeout, cwd=REPO)
+def torchrun_cmd(*args, nproc: int = 2, port: int | None = None, max_restarts: int = 0, extra: tuple = (),
+                 entry: tuple = RUNNER_MODULE) -> list[str]:
+    """torchrun running `entry ARGS` on `nproc` processes, c10d rendezvous on 127.0.0.1:`port` (default: a free
+    one; standalone rendezvous would pick a port too, but may race). `extra` are more torchrun options; `entry`
+    can also be ("--no-python", "runner") or (path to the console script,). Several agents of one multi-node
+    job need the same `port`."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", f"--max-restarts={max_restarts}", *map(str, extra),
+            *map(str, entry), *map(str, args)]
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+# Every launch runs in its own session and tags its environment with TAG=<uuid>; every process it starts
+# (torchrun's workers, DataLoader workers) inherits the tag, so kill_everything finds them all, even orphans
+# whose parent is gone and workers that torchrun put in sessions of their own.
+
+TAG = "TEST_LAUNCH_TAG"
+
+
+def _popen(cmd: list[str], env: dict, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO, start_new_session=True, env=child_env(**env, **{TAG: tag}),
+                            **popen)
+    proc.tag = tag
+    return proc
+
+
+def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:
+    """Popen in a new session (its own process group), stdout and stderr appended to `log`, one intra-op thread.
+
+    PYTHONFAULTHANDLER: fault_helpers.finish makes a launch that hangs print every thread's stack before it is
+    killed.
+    """
+    with open(log, "ab") as f:
+        return _popen(cmd, {"OMP_NUM_THREADS": 1, "PYTHONFAULTHANDLER": 1, **env}, stdout=f, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def launched(cmd: list[str], log: Path, **env):
+    """`start` whose whole process tree is killed on the way out, however the test ends."""
+    proc = start(cmd, log, **env)
+    try:
+        yield proc
+    finally:
+        kill_everything(proc)
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess:
+    """`cmd` to its end in child_env(**env), text output captured. Unlike subprocess.run, a timeout (or any
+    exception) kills everything `cmd` started, not only `cmd`: torchrun's workers would outlive a killed agent."""
+    with _popen(cmd, env or {}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            kill_everything(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """`python -m runner ARGS` to its end; returns CompletedProcess with text output."""
+    return run(runner_cmd(*args), env, timeout, cwd)
+
+
+def run_torchrun(*args, env: dict | None = None, timeout: float = 300, **torchrun) -> subprocess.CompletedProcess:
+    """`torchrun_cmd(*args, **torchrun)` to its end, one intra-op thread per rank; returns CompletedProcess with
+    text output."""
+    return run(torchrun_cmd(*args, **torchrun), {"OMP_NUM_THREADS": 1, **(env or {})}, timeout)
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], pgid [2], starttime [19])."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, found by parent pid in /proc (torchrun puts workers in their own sessions,
+    so killing its process group would miss them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := proc_stat(int(d.name))):
+            children.setdefault(int(st[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def tagged(tag: str) -> list[int]:
+    """Live (non-zombie) processes started by the launch with this tag."""
+    marker = f"{TAG}={tag}".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                environ = (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in environ and (proc_stat(int(d.name)) or ["Z"])[0] != "Z":
+                found.append(int(d.name))
+    return found
+
+
+def kill_everything(proc: subprocess.Popen, first: int | None = None, timeout: float = 60) -> None:
+    """SIGKILL `first` (if given), then every process of the launch and their process groups (torchrun starts
+    each worker in its own session, so one killpg is not enough); wait until all are gone."""
+    if first is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while pids := tagged(proc.tag):
+        assert time.monotonic() < deadline, f"processes survive SIGKILL: {pids}"
+        for pgid in {int(st[2]) for pid in pids if (st := proc_stat(pid))}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1)
+        else:
+            time.sleep(0.05)
+    proc.wait(timeout)
+
+
+# --- reading results back ----------------------------------------------------------------------------------------
+
+def table_row(text: str, first_cell: str) -> list[str]:
+    """The cells of the printed table row starting with `first_cell` (cells are separated by 2+ spaces)."""
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row for {first_cell}:\n{text}")
 
 
 def newest_state(ckpt_dir, storage_options: dict | None = None) -> tuple[dict, dict]:

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from fault_helpers import (JOB, assert_same_final_state, assert_store_sound, kill_everything, last_step,
-                           reference, resumed, seeded_rng, start, text, torchrun_cmd, workers_by_rank)
-from helpers import write_job
+from fault_helpers import (JOB, assert_same_final_state, assert_store_sound, last_step, reference, resumed,
+                           seeded_rng, text, workers_by_rank)
+from helpers import kill_everything, start, torchrun_cmd, write_job
 from runner.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("CHAOS_KILLS") or 5)
 SLOW_COMMIT_S = 0.5

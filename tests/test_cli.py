@@ -1,13 +1,12 @@
 """The `runner` command: summary, help, the console script, and end-to-end runs of the examples."""
 import json
 import re
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runner.models import SmallCNN
-from helpers import REPO, TINY_JOB, child_env, newest_state, ok, run_cli, table_row, write_job
+from helpers import REPO, TINY_JOB, newest_state, ok, run, run_cli, table_row, write_job
 
 ONE_THREAD = {"OMP_NUM_THREADS": 1}  # the machine's 2 cores are shared; more threads only oversubscribe
 
@@ -43,8 +42,7 @@ def test_python_m_runner_and_the_console_script_are_the_same_command(tmp_path):
 
     def both(*args):
         module = run_cli(*args, env=ONE_THREAD)
-        console = subprocess.run([str(script), *map(str, args)], capture_output=True, text=True,
-                                 env=child_env(**ONE_THREAD), timeout=300, cwd=REPO)
+        console = run([str(script), *map(str, args)], env=ONE_THREAD)
         return module, console
 
     # commands that do not import torch, to stay quick: help, a real ckpt command, a usage error

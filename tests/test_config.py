@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config import RunConfig, load_config
+import json
+
+from runner.config import RunConfig, dump_yaml, load_config, manifest_config, redact, to_dict
 from runner.errors import ConfigError
 from helpers import TINY_JOB, newest_state, run_cli, write_job  # noqa: F401 (fixture)
 
@@ -40,6 +42,24 @@ BAD_FILES = {
                               ["'train.early_stopping.mode'", "min, max"]),
     "invalid YAML": ("model:\n  name: [cnn\ndata: {}\n", ["invalid YAML", "line"]),
     "not a mapping": ("- model\n- data\n", ["must be a mapping"]),
+    # checkpoints store the resolved config as JSON: values a JSON round trip would change are refused
+    "YAML date": ("data:\n  args:\n    start: 2024-06-01\n",
+                  ["'data.args.start' is a date (2024-06-01)", "quote it ('2024-06-01')", "as JSON"]),
+    "YAML date and time": ("model:\n  args:\n    since: 2024-06-01 12:30:00\n",
+                           ["'model.args.since' is a date and time", "quote it", "as JSON"]),
+    "date inside a list": ("data:\n  args:\n    days: [2024-06-01]\n", ["'data.args.days[0]' is a date"]),
+    "non-string key": ("data:\n  args:\n    weights: {1: a, b: c}\n",
+                       ["'data.args.weights' has the key 1 (int)", "quote it ('1')", "as JSON"]),
+    "set": ("data:\n  args:\n    tags: !!set {a, b}\n", ["'data.args.tags' is a set", "list", "as JSON"]),
+    "binary": ("optim:\n  args:\n    blob: !!binary aGVsbG8=\n", ["'optim.args.blob' is binary data", "as JSON"]),
+    "nan": ("scheduler:\n  args:\n    eta_min: .nan\n", ["'scheduler.args.eta_min' is nan", "finite", "as JSON"]),
+    "infinite lr": ("optim:\n  lr: .inf\n", ["'optim.lr' is inf", "finite"]),
+    "URL out_dir": ("out_dir: s3://bucket/run\n",
+                    ["'out_dir'", "s3://bucket/run", "local folder", "checkpoint.dir can be any fsspec URL"]),
+    "replaced resume key": ("resume:\n  allow_config_change: true\n",
+                            ["resume.allow_config_change was replaced by resume.allow_changes", "e.g. [optim.lr]"]),
+    "allow_changes typo": ("resume:\n  allow_changes: [optim.lrr]\n",
+                           ["'resume.allow_changes' lists 'optim.lrr'", "did you mean 'optim.lr'"]),
 }
 
 
@@ -111,6 +131,8 @@ def test_override_wins_over_file(tmp_path):
     ("optim.lrr=0.1", ["'optim.lrr'", "did you mean 'optim.lr'"]),
     ("train.max_epochs=abc", ["'train.max_epochs'", "must be int"]),
     ("train.precision=fp8", ["'train.precision'", "choose one of"]),
+    ("data.args.start=2024-06-01", ["'data.args.start' is a date", "quote it"]),
+    ("resume.allow_config_change=true", ["replaced by resume.allow_changes"]),
 ])
 def test_bad_override(tmp_path, item, fragments):
     message = error(write_job(tmp_path), [item])
@@ -193,3 +215,70 @@ def test_values_that_cannot_work_are_refused_naming_the_key(tmp_path, override, 
     job = write_job(tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(job, [override])
+
+
+# --- JSON-safe values, out_dir, resume.allow_changes ------------------------------------------------------
+
+def test_an_ordinary_config_survives_a_json_round_trip(tmp_path):
+    job = write_job(tmp_path, data={"args": {"start": "2024-06-01", "classes": [1, 7], "aug": {"flip": 0.5}}},
+                    optim={"args": {"betas": [0.9, 0.99], "weight_decay": 0}},
+                    scheduler={"name": "StepLR", "args": {"step_size": 2}},
+                    finetune={"head": {"module": "fc"}, "phases": [{"epochs": 1, "train": "head"}, {}]})
+    stored = to_dict(load_config(job))
+    assert json.loads(json.dumps(stored, sort_keys=True)) == stored
+
+
+def test_allow_changes_takes_keys_and_section_prefixes(tmp_path):
+    job = write_job(tmp_path)
+    assert load_config(job).resume.allow_changes == []
+    cfg = load_config(job, ["resume.allow_changes=[optim.lr, scheduler.args, data.args.augment]"])
+    assert cfg.resume.allow_changes == ["optim.lr", "scheduler.args", "data.args.augment"]
+    assert load_config(job, ["resume.allow_changes=optim"]).resume.allow_changes == ["optim"]
+
+
+# --- secrets never reach the printed config, config.yaml or checkpoints -------------------------------------
+
+SECRETS = {"AKIAEXAMPLE", "s3cr3t", "tok3n", "wJalrXUtnFEMI", "hunter2"}
+
+
+def secret_job(folder: Path) -> Path:
+    return write_job(folder, checkpoint={"dir": "s3://bucket/run", "storage_options": {
+        "key": "AKIAEXAMPLE", "secret": "s3cr3t", "token": "tok3n", "anon": False, "use_ssl": True,
+        "endpoint_url": "http://127.0.0.1:9000", "config_kwargs": {"signature_version": "s3v4"},
+        "client_kwargs": {"aws_secret_access_key": "wJalrXUtnFEMI", "region_name": "us-east-1"}}},
+        data={"args": {"password": "hunter2", "root": "/data/digits"}})
+
+
+def test_dump_yaml_and_manifest_config_redact_secrets(tmp_path):
+    cfg = load_config(secret_job(tmp_path))
+    text = dump_yaml(cfg)
+    for stored in (text, json.dumps(manifest_config(cfg))):
+        assert not [s for s in SECRETS if s in stored], stored
+    options = yaml.safe_load(text)["checkpoint"]["storage_options"]
+    assert options == manifest_config(cfg)["checkpoint"]["storage_options"]
+    assert options["key"] == options["secret"] == options["token"] == "<redacted>"
+    assert options["client_kwargs"] == {"aws_secret_access_key": "<redacted>", "region_name": "us-east-1"}
+    assert options["endpoint_url"] == "http://127.0.0.1:9000" and options["anon"] is False
+    assert options["use_ssl"] is True and options["config_kwargs"] == {"signature_version": "s3v4"}
+    assert yaml.safe_load(text)["data"]["args"] == {"password": "<redacted>", "root": "/data/digits"}
+    assert cfg.checkpoint.storage_options["secret"] == "s3cr3t"  # the run itself still has them
+
+
+@pytest.mark.parametrize("name", ["sas_token", "account_key", "connection_string", "AccountKey", "api_key",
+                                  "aws_session_token", "client_secret", "private_key", "passwd", "credentials"])
+def test_secret_key_names_are_redacted(name):
+    assert redact({"opts": {name: "x", "other": "y"}}) == {"opts": {name: "<redacted>", "other": "y"}}
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "max_tokens", "author", "keyword", "key_prefix", "secret_name",
+                                  "endpoint_url", "region_name", "signature_version"])
+def test_ordinary_key_names_stay_visible(name):
+    assert redact({name: "x"}) == {name: "x"}
+
+
+def test_no_key_of_an_ordinary_config_is_redacted(tmp_path):
+    """So config.yaml of a run without secrets loads back as the same config."""
+    cfg = load_config(write_job(tmp_path, data={"args": {"tokenizer": "bpe", "max_tokens": 512}}))
+    assert manifest_config(cfg) == to_dict(cfg)
+    assert load_config(write(tmp_path, dump_yaml(cfg), "config.yaml")) == cfg
+

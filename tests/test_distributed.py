@@ -7,13 +7,10 @@ since only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +21,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from helpers import REPO, assert_tensors_equal, child_env, descendants, free_port, newest_state, ok, run_cli, write_job
+from helpers import (assert_tensors_equal, free_port, launched, newest_state, ok, run_cli, run_torchrun, torchrun_cmd,
+                     write_job)
 
 TIMEOUT = 240  # per launch; a run takes ~15 s, most of it importing torch three times on 2 shared cores
 B = 16  # per-rank batch of the 2-rank runs; the 1-process run uses 2 * B
@@ -43,42 +41,11 @@ JOB = {
 RUNNER_SCRIPT = Path(sys.executable).parent / "runner"  # the console script of this venv
 
 
-# --- launching and cleaning up -------------------------------------------------------------------------------
-
-def torchrun(*entry_and_args, nproc: int = 2, port: int | None = None, extra: tuple = ()) -> list[str]:
-    """torchrun with c10d rendezvous on loopback; `entry_and_args` is what torchrun launches (e.g. -m runner …)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port or free_port()}", *extra, *map(str, entry_and_args)]
-
+# --- launching ---------------------------------------------------------------------------------------------------
 
 def tee_by_rank(log_dir: Path) -> tuple:
     """torchrun options that prefix every console line with the global rank that printed it."""
     return ("--log-dir", str(log_dir), "--tee", "3", "--log-line-prefix-template", "[rank${rank}]: ")
-
-
-@contextlib.contextmanager
-def launched(cmd: list[str], log: Path, env: dict):
-    """Popen with output to `log`; on the way out a still-running launch and all its workers are killed.
-
-    torchrun starts each worker in its own session, so killing torchrun's process group would miss them:
-    collect the process tree by parent pid first.
-    """
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
-
-
-def launch(cmd: list[str], log: Path, **env) -> subprocess.CompletedProcess:
-    with launched(cmd, log, child_env(OMP_NUM_THREADS=1, **env)) as proc:
-        proc.wait(TIMEOUT)
-    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"), "")
 
 
 # --- reading results back --------------------------------------------------------------------------------------
@@ -97,14 +64,15 @@ def ref(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     job = write_job(tmp, "ddp", base=JOB)
     t0 = time.monotonic()
-    proc = launch(torchrun("-m", "runner", "train", job, extra=tee_by_rank(tmp / "logs")), tmp / "out.txt",
-                  RUNNER_TEST_DUMP_WEIGHTS=tmp / "dump")
+    proc = run_torchrun("train", job, extra=tee_by_rank(tmp / "logs"), env={"RUNNER_TEST_DUMP_WEIGHTS": tmp / "dump"},
+                        timeout=TIMEOUT)
     return SimpleNamespace(tmp=tmp, job=job, out_dir=tmp / "ddp", dump=tmp / "dump", output=ok(proc),
                            seconds=time.monotonic() - t0)
 
 
 # --- tests -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ranks_end_bit_identical_and_match_the_checkpoint(ref):
     rank0, rank1 = weights(ref.dump, 0), weights(ref.dump, 1)
     assert rank0.keys() == rank1.keys() and rank0
@@ -116,6 +84,7 @@ def test_ranks_end_bit_identical_and_match_the_checkpoint(ref):
     assert manifest["step"] == EPOCHS * 1440 // (2 * B)
 
 
+@pytest.mark.slow
 def test_log_states_global_batch_and_only_rank0_prints_epochs(ref):
     assert "world size 2" in ref.output
     assert f"global batch {2 * B} ({B} per rank)" in ref.output
@@ -126,6 +95,7 @@ def test_log_states_global_batch_and_only_rank0_prints_epochs(ref):
     assert not chatter, chatter
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_twice_the_batch(ref, tmp_path):
     from runner.data import ShardedSampler, digits
 
@@ -164,6 +134,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(ref, tmp_path):
             assert abs(a[key] - b[key]) <= 1.5 / (1440 if key == "train_acc" else 357), (key, a, b)
 
 
+@pytest.mark.slow
 def test_sharded_eval_equals_single_process_eval_of_the_checkpoint(ref):
     """Val set of 357 (179 + 178 per rank, partial batches of 50): nothing padded, nothing counted twice."""
     from runner.components import build_model
@@ -191,12 +162,13 @@ def test_sharded_eval_equals_single_process_eval_of_the_checkpoint(ref):
     assert math.isclose(logged["val_loss"], val_loss, rel_tol=1e-6), (logged["val_loss"], val_loss)
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_in_time_naming_the_rank(tmp_path):
     timeout_s = 20
     job = write_job(tmp_path, "fail", base=JOB, dist={"timeout_s": timeout_s})
     log = tmp_path / "out.txt"
-    env = child_env(OMP_NUM_THREADS=1, RUNNER_TEST_FAIL_AT_STEP="3:1")  # step 3 of 45: mid-epoch, rank 1
-    with launched(torchrun("-m", "runner", "train", job), log, env) as proc:
+    # Step 3 of 45 (mid-epoch) raises on rank 1.
+    with launched(torchrun_cmd("train", job), log, RUNNER_TEST_FAIL_AT_STEP="3:1") as proc:
         start, raised = time.monotonic(), None
         while proc.poll() is None:
             if raised is None and "injected test fault" in log.read_text(errors="replace"):
@@ -213,6 +185,7 @@ def test_a_rank_that_raises_fails_the_job_in_time_naming_the_rank(tmp_path):
     assert not (tmp_path / "fail" / "metrics.jsonl").exists()  # it failed inside epoch 1
 
 
+@pytest.mark.slow
 def test_multi_node_on_loopback_matches_one_agent(ref, tmp_path):
     """Two torchrun agents (`--nnodes=2 --nproc-per-node=1`) meet through c10d rendezvous on 127.0.0.1.
 
@@ -223,12 +196,10 @@ def test_multi_node_on_loopback_matches_one_agent(ref, tmp_path):
     """
     port = free_port()
     job = write_job(tmp_path, "nodes", base=JOB)
-    env = child_env(OMP_NUM_THREADS=1, RUNNER_TEST_DUMP_WEIGHTS=tmp_path / "dump")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
-           "-m", "runner", "train", str(job)]
+    dump = {"RUNNER_TEST_DUMP_WEIGHTS": tmp_path / "dump"}
+    cmd = torchrun_cmd("train", job, nproc=1, port=port, extra=("--nnodes=2", f"--rdzv-id=test-{port}"))
     logs = [tmp_path / "agent0.txt", tmp_path / "agent1.txt"]
-    with launched(cmd, logs[0], env) as a, launched(cmd, logs[1], env) as b:
+    with launched(cmd, logs[0], **dump) as a, launched(cmd, logs[1], **dump) as b:
         for proc in (a, b):
             proc.wait(TIMEOUT)
     outs = [log.read_text(errors="replace") for log in logs]
@@ -244,6 +215,7 @@ def test_multi_node_on_loopback_matches_one_agent(ref, tmp_path):
     assert history(tmp_path / "nodes") == history(ref.out_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["no-python", "console-script"])
 def test_same_job_twice_is_bit_identical_and_console_script_works(ref, tmp_path, entry):
     """Determinism, launching the `runner` console command the two ways torchrun allows.
@@ -254,8 +226,8 @@ def test_same_job_twice_is_bit_identical_and_console_script_works(ref, tmp_path,
     job = write_job(tmp_path, "again", base=JOB)
     entry_args = ("--no-python", "runner") if entry == "no-python" else (RUNNER_SCRIPT,)
     path = f"{RUNNER_SCRIPT.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    out = ok(launch(torchrun(*entry_args, "train", job), tmp_path / "out.txt",
-                    RUNNER_TEST_DUMP_WEIGHTS=tmp_path / "dump", PATH=path))
+    out = ok(run_torchrun("train", job, entry=entry_args, env={"RUNNER_TEST_DUMP_WEIGHTS": tmp_path / "dump",
+                                                                "PATH": path}, timeout=TIMEOUT))
     assert f"global batch {2 * B}" in out
     for rank in (0, 1):
         assert_tensors_equal(weights(tmp_path / "dump", rank), weights(ref.dump, rank), f"rank {rank}")
@@ -276,9 +248,9 @@ def test_without_torchrun_no_process_group_is_initialized(tmp_path, monkeypatch)
     seen = {}
     real_run = loop.run
 
-    def spy(job):
+    def spy(job, *args):
         seen.update(initialized=tdist.is_initialized(), world=job.env.world_size, distributed=job.env.distributed)
-        result = real_run(job)
+        result = real_run(job, *args)
         seen["wrapped"] = type(job.wrapped).__name__
         return result
 

@@ -5,7 +5,7 @@ import torch
 
 from runner.cli import model_from_job
 from runner.config import load_config
-from runner.finetune import load_pretrained
+from runner.weights import load_pretrained
 from helpers import newest_state, ok, run_cli, write_job
 
 
@@ -21,6 +21,7 @@ def trained(tmp_path_factory):
     return job, model.eval(), folder
 
 
+@pytest.mark.slow  # with its `trained` fixture, ~20 s
 def test_state_dict_and_safetensors_round_trip(trained):
     job, model, folder = trained
     for name in ("weights.pt", "weights.safetensors"):
@@ -32,6 +33,7 @@ def test_state_dict_and_safetensors_round_trip(trained):
             assert torch.equal(fresh.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_onnx_matches_torch_for_any_batch_size(trained):
     ort = pytest.importorskip("onnxruntime")
     job, model, folder = trained

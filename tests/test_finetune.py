@@ -12,8 +12,9 @@ from torch import nn
 
 from runner.checkpoint import CheckpointStore
 from runner.errors import CheckpointError, ConfigError
-from runner.finetune import (Phase, apply_lr_mults, apply_phase, load_pretrained, param_groups, phase_at,
-                             phase_span, replace_head, set_train_mode, validate_plan)
+from runner.finetune import (Phase, apply_lr_mults, apply_phase, param_groups, phase_at, phase_span, replace_head,
+                             set_train_mode, validate_plan)
+from runner.weights import load_pretrained
 
 
 def net(classes: int = 3, seed: int = 0) -> nn.Module:

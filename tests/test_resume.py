@@ -125,7 +125,7 @@ def copy_store(src: Path, url: str, options: dict | None = None) -> None:
 
 def train_a(folder: Path, name: str, sections: dict, nproc: int = 1) -> SimpleNamespace:
     job = write_job(job_folder(folder), name, **sections)
-    proc = run_torchrun(nproc, "train", job) if nproc > 1 else run_cli("train", job, env=ONE_THREAD)
+    proc = run_torchrun("train", job, nproc=nproc) if nproc > 1 else run_cli("train", job, env=ONE_THREAD)
     out = ok(proc)
     state, manifest = newest_state(folder / name / "checkpoints")
     return SimpleNamespace(job=job, out=out, store=folder / name / "checkpoints", state=state,
@@ -186,6 +186,7 @@ def checkpoint_section(request, tmp_path, backend: str) -> tuple[str, dict, dict
 
 # --- 1. bit-exact mid-epoch resume ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_single_process_mid_epoch_resume_is_bit_exact(single_a, request, tmp_path, backend):
     assert step_dirs(str(single_a.store)) == names(SINGLE_STEPS)  # cadence: every 3 steps + epoch ends
@@ -217,16 +218,17 @@ def test_single_process_mid_epoch_resume_is_bit_exact(single_a, request, tmp_pat
         assert [(r[0], r[-1]) for r in rows] == [("16", "valid"), ("24", "valid"), ("32", "valid")], listing
 
 
+@pytest.mark.slow
 def test_two_rank_torchrun_mid_epoch_resume_is_bit_exact(ddp_a, tmp_path):
     assert step_dirs(str(ddp_a.store)) == names(DDP_STEPS)
     assert ddp_a.manifest["world_size"] == 2 and len(ddp_a.state["ranks"]) == 2
     job = write_job(job_folder(tmp_path), "b", **DDP)
     env = {"RUNNER_TEST_FAIL_AT_STEP": DDP_FAIL, "RUNNER_TEST_FAULT_ONCE": tmp_path / "fired"}
-    first = run_torchrun(2, "train", job, env={**env, "RECORD_DIR": new_dir(tmp_path / "rec1")})
+    first = run_torchrun("train", job, env={**env, "RECORD_DIR": new_dir(tmp_path / "rec1")})
     first_out = first.stdout + first.stderr
     assert first.returncode != 0 and "injected test fault at step 13 on rank 1" in first_out, first_out[-4000:]
     record = new_dir(tmp_path / "rec2")
-    out = ok(run_torchrun(2, "train", job, env={**env, "RECORD_DIR": record}))
+    out = ok(run_torchrun("train", job, env={**env, "RECORD_DIR": record}))
     _, step, epoch, batch = resumed_at(out)
     assert (step, epoch, batch) == (DDP_RESUME, 2, DDP_RESUME - 8), first_out[-4000:]
     assert_skipped_consumed(record, 2, batch)
@@ -263,6 +265,7 @@ def verify_rows(argv: list[str], capsys) -> tuple[int, dict[int, str]]:
     return code, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_corrupt_newest_checkpoints_are_skipped_with_a_warning(single_a, request, tmp_path, backend, capsys):
     url, options, env = checkpoint_section(request, tmp_path, backend)
@@ -327,10 +330,13 @@ def test_incompatible_config_is_refused_and_nothing_deleted(single_copy, capsys,
     job, store = single_copy
     before = snapshot(store)
     code, out, err = in_process(["train", job, change], capsys)
-    assert_one_line_error(code, err, "step-000000032", "another model", "resume.allow_config_change=true")
+    key, _, value = change.partition("=")
+    assert_one_line_error(code, err, "step-000000032", "another config", f"{key} ", f"→ {value}",
+                          f"resume.allow_changes=[{key}]")
     assert "epoch 1" not in out and snapshot(store) == before
 
 
+@pytest.mark.slow  # its fixture ddp_a is a torchrun run
 def test_other_world_size_is_refused_unless_allowed(ddp_a, tmp_path, capsys, one_thread):
     store = tmp_path / "ckpt"
     shutil.copytree(ddp_a.store, store)

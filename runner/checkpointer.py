@@ -1,0 +1,408 @@
+"""The save/resume protocol, owned by one object (docs/design.md, "Checkpoints and resume").
+
+The loop calls `start` once, `poll` after every optimizer step, `maybe_save` at step and epoch boundaries,
+`emergency_save` when a stop is agreed and `finish` at the end; it never touches the store or the writer.
+
+- A checkpoint.dir holds one lineage (one run, across all its restarts). Every manifest records the run id,
+  what started the lineage (`resume.mode`: auto, never or the pinned checkpoint's URL) and its parent.
+- Choosing where to resume happens on rank 0 and is broadcast; so are its errors, so every rank fails alike.
+- A fresh start (never, or a pinned URL) into a directory that holds another lineage is refused, so no run
+  can overwrite, prune or shadow another's checkpoints; running the same command again continues the
+  lineage that command started.
+- Drift: the checkpoint's resolved config is compared with this start's key by key (runner/drift.py); a
+  difference that changes the trajectory is refused unless listed in resume.allow_changes, then applied.
+- Rank 0 probes the store and holds its lease before the first step; only the lease holder commits.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from . import __version__, dist, drift, preemption
+from .checkpoint import CheckpointStore, open_checkpoint, storage_errors, storage_fault
+from .config import RunConfig, manifest_config, to_dict
+from .data import seed_all
+from .dist import DistEnv
+from .faults import fail_commit
+from .errors import CheckpointError, ConfigError, RunnerError, StorageError
+from .job import Job, load_init_weights
+from .lease import LEASE, Lease
+from .metrics import log, warn
+from .state import TrainState, capture, load_bytes, restore
+
+FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
+LEGACY_RUN = "legacy"  # the run id of format-1 checkpoints
+RETRIES = 3          # attempts per periodic save before giving up until the next cadence
+BACKOFF_S = 1.0      # first retry delay; doubles each attempt
+FENCED = "another run took over the lease on {url}; this launch stops without writing there"
+
+
+class TrainingDiverged(RunnerError):
+    """A non-finite loss or weights: nothing non-finite is ever committed."""
+    exit_status = 4
+
+
+@dataclass(frozen=True)
+class Lineage:
+    run_id: str
+    started_by: str         # "auto", "never", or the URL of the checkpoint the lineage was started from
+    parent: str | None      # the checkpoint this lineage started from (a pinned resume), if any
+
+
+@dataclass(frozen=True)
+class Resume:
+    url: str
+    manifest: dict
+    lineage: Lineage
+
+
+def new_run_id() -> str:
+    """Sortable by start time, unique across machines."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def lineage_of(manifest: dict) -> Lineage:
+    return Lineage(str(manifest.get("run_id") or LEGACY_RUN), str(manifest.get("started_by") or "auto"),
+                   manifest.get("parent"))
+
+
+class Checkpointer:
+    def __init__(self, cfg: RunConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.url = cfg.checkpoint_dir
+        self.store = CheckpointStore(self.url, cfg.checkpoint.storage_options)
+        self.lease: Lease | None = None
+        self.lineage: Lineage | None = None
+        self.last_save = time.monotonic()
+        self.last_committed: int | None = None
+        self.writer: threading.Thread | None = None
+        self.write_ok = True
+        self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
+        self.created = False  # rank 0 made the local directory (close removes it while still empty)
+        self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
+
+    # --- start --------------------------------------------------------------------------------------------
+
+    def start(self, job: Job, last_step: int) -> TrainState:
+        """All ranks: open the store, agree on where to resume, load it (or start a fresh lineage)."""
+        dist.from_rank0(self._open, self.env)
+        problem = self._unreadable()
+        if dist.any_rank([problem is not None], self.env)[0]:
+            raise StorageError(problem or f"another rank cannot read {self.url} as rank 0 wrote it: checkpoint.dir "
+                                          "must be storage every node reads (an object store or a shared filesystem)")
+        found = dist.from_rank0(self._choose, self.env)
+        if isinstance(found, Lineage):
+            self.lineage = found
+            return self._fresh(job)
+        self.lineage = found.lineage
+        return self._resume(job, found, last_step)
+
+    def _open(self) -> None:
+        """Rank 0: prove the store works, take its lease, then remove leftovers of interrupted writes."""
+        self.created = self.store.local and not os.path.exists(self.store.root)
+        self.store.probe()
+        self.lease = Lease(self.store.fs, self.store.root, self.store.url,
+                           ttl_s=self.cfg.checkpoint.lease_ttl_s)
+        self.lease.acquire()
+        self.lease.start_heartbeat()
+        for url in self.store.cleanup_partial():  # safe now: no other writer holds the lease
+            warn(f"removed incomplete checkpoint write {url}")
+
+    def _unreadable(self) -> str | None:
+        """Every rank reads the lease rank 0 just wrote: a node-local checkpoint.dir fails here, not at resume."""
+        if self.env.is_main:
+            return None
+        try:
+            with storage_errors("read", self.url):
+                if self.store.fs.exists(f"{self.store.root}/{LEASE}"):
+                    return None
+        except RunnerError as e:
+            return f"rank {self.env.rank}: {e}"
+        return (f"rank {self.env.rank} cannot see {self.url} as rank 0 wrote it: checkpoint.dir must be storage "
+                "every node reads (an object store or a shared filesystem)")
+
+    def _started_by(self) -> str:
+        mode = self.cfg.resume.mode
+        if mode in ("auto", "never"):
+            return mode
+        store, info = open_checkpoint(mode, self.cfg.checkpoint.storage_options)
+        return info.url
+
+    def _choose(self) -> Resume | Lineage:
+        """Rank 0: the newest valid checkpoint of this directory's lineage, a pinned one, or a new lineage."""
+        started_by = self._started_by()
+        found = self.store.read_latest(warn=warn)
+        if found is not None:
+            info, data = found
+            lineage = lineage_of(info.manifest)
+            if started_by == "auto" or lineage.started_by == started_by:
+                self._verified = data
+                return Resume(info.url, info.manifest, lineage)
+            raise CheckpointError(
+                f"{self.url} already holds run {lineage.run_id} (newest: {info.url}, step {info.step}); "
+                f"resume.mode={self.cfg.resume.mode} would start another run there. Continue it with "
+                "resume.mode=auto, or set checkpoint.dir to a new directory for a new run")
+        if started_by in ("auto", "never"):
+            return Lineage(new_run_id(), started_by, None)
+        store, info = open_checkpoint(started_by, self.cfg.checkpoint.storage_options)
+        if not info.valid:
+            raise CheckpointError(f"resume.mode: {started_by} is not a valid checkpoint ({info.reason}); "
+                                  "run `runner ckpt ls` to see valid ones")
+        self._verified = store.read(info)
+        return Resume(info.url, info.manifest, Lineage(new_run_id(), started_by, info.url))
+
+    def _fresh(self, job: Job) -> TrainState:
+        load_init_weights(job)
+        log(f"fresh start: run {self.lineage.run_id}, no checkpoint to resume in {self.url}", self.env)
+        seed_all(hash((self.cfg.train.seed, self.env.rank)) & 0x7FFF_FFFF)  # per-rank randomness, reproducible
+        return TrainState()
+
+    def _resume(self, job: Job, found: Resume, last_step: int) -> TrainState:
+        cfg, env = self.cfg, self.env
+        changes = self._check_compatible(found)
+        data, self._verified = self._verified, None
+        if data is None:  # the other ranks read what rank 0 chose
+            store, info = open_checkpoint(found.url, cfg.checkpoint.storage_options)
+            data = store.read(info)
+        built_schedule = job.scheduler.state_dict() if job.scheduler is not None else {}  # this job's arguments
+        state = restore(load_bytes(data, found.url), job.model, job.optimizer, job.scheduler, job.scaler, env,
+                        found.url)
+        if changes:
+            apply_changes(job, changes, built_schedule)
+            log(f"applied config changes (resume.allow_changes): {drift.describe(changes)}", env)
+        if found.lineage.parent == found.url:
+            log(f"starting run {found.lineage.run_id} from pinned checkpoint {found.url}", env)
+        else:
+            self.last_committed = state.step
+        self._extend_if_asked(state, found.manifest)
+        lost = max(0, last_step - state.step)
+        log(f"resuming from {found.url}: step {state.step}, epoch {state.epoch + 1}, batch {state.batch_in_epoch} "
+            f"of the epoch; {lost} step(s) lost since that checkpoint", env)
+        return state
+
+    def _check_compatible(self, found: Resume) -> list[drift.Change]:
+        cfg, env = self.cfg, self.env
+        saved = found.manifest.get("world_size")
+        if saved != env.world_size and not cfg.resume.allow_world_size_change:
+            raise CheckpointError(f"{found.url} was written with world size {saved}, this run has {env.world_size}; "
+                                  "the data order depends on it. Relaunch with the same number of processes or set "
+                                  "resume.allow_world_size_change=true")
+        saved_cfg = found.manifest.get("config")
+        if not isinstance(saved_cfg, dict):
+            warn(f"{found.url} records no config, so changes to the job cannot be checked", env)
+            return []
+        changes = drift.trajectory_changes(saved_cfg, to_dict(cfg))
+        refusal = drift.refusal(changes, list(cfg.resume.allow_changes), found.url)
+        if refusal:
+            raise CheckpointError(refusal)
+        for change in changes:  # allowed, but the saved state cannot take them
+            if change.key in ("optim.name", "scheduler.name") or (change.key == "optim.lr" and not change.old):
+                raise ConfigError(f"{change.key} cannot change on resume: the saved state belongs to {change.old}; "
+                                  "start a new run in another checkpoint.dir")
+            if change.key == "data.batch_size" and found.manifest.get("batch_in_epoch"):
+                raise ConfigError(f"data.batch_size can change only at an epoch boundary; {found.url} is at batch "
+                                  f"{found.manifest['batch_in_epoch']} of epoch {found.manifest.get('epoch', 0) + 1}")
+        return changes
+
+    def _extend_if_asked(self, state: TrainState, manifest: dict) -> None:
+        """A finished run whose max_epochs/max_steps were raised continues the same lineage."""
+        train, es = self.cfg.train, self.cfg.train.early_stopping
+        stopped_early = bool(es.metric) and state.bad_epochs >= es.patience
+        more = state.epoch < train.max_epochs and (train.max_steps is None or state.step < train.max_steps)
+        if state.finished and more and not stopped_early:
+            state.finished = False
+            log(f"extending the finished run {self.lineage.run_id}: now up to {train.max_epochs} epochs"
+                + (f" / {train.max_steps} steps" if train.max_steps else ""), self.env)
+
+    # --- saving -------------------------------------------------------------------------------------------
+
+    def poll(self) -> tuple[bool, bool]:
+        """This rank's (save due by wall time, saving is broken); the loop agrees on them across ranks."""
+        minutes = self.cfg.checkpoint.every_minutes
+        due = bool(minutes) and time.monotonic() - self.last_save >= minutes * 60
+        if self.lease is not None and self.lease.lost and self.broken is None:
+            self.broken = FENCED.format(url=self.url)
+        return due, self.broken is not None
+
+    def maybe_save(self, job: Job, state: TrainState, due_now: bool = False, epoch_end: bool = False) -> None:
+        """The one cadence rule: agreed wall-time cadence, every_steps, every_epoch, at_end."""
+        c = self.cfg.checkpoint
+        step_due = bool(c.every_steps) and state.step % c.every_steps == 0
+        if due_now or step_due or (epoch_end and c.every_epoch) or (state.finished and c.at_end):
+            self.save(job, state)
+
+    def save(self, job: Job, state: TrainState, emergency: bool = False) -> None:
+        """All ranks call (RNG and running sums are gathered); rank 0 hands the snapshot to the writer."""
+        if dist.any_rank([not weights_finite(job.model)], self.env)[0]:
+            self.raise_diverged(state, "non-finite weights")
+        self.last_save = time.monotonic()
+        if self.env.is_main:
+            self.wait()  # one snapshot at a time
+        data = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env)
+        if data is None:
+            return
+        # A daemon thread, so a write hung on a dead server cannot keep a preempted process alive.
+        self.writer = threading.Thread(target=self._write, args=(data, self._meta(state), emergency), daemon=True)
+        self.writer.start()
+
+    def _meta(self, state: TrainState) -> dict:
+        last = state.history[-1] if state.history else {}
+        return {
+            "format": FORMAT, "run_id": self.lineage.run_id, "started_by": self.lineage.started_by,
+            "parent": self.lineage.parent,
+            "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+            "samples_in_epoch": state.samples_in_epoch(self.cfg.data.batch_size, self.env.world_size),
+            "world_size": self.env.world_size, "finished": state.finished,
+            # only measured here: a mid-epoch save must not carry (and compete with) the last epoch's numbers
+            "metrics": last if last.get("step") == state.step else {},
+            "config": manifest_config(self.cfg),
+            "runner_version": __version__, "torch_version": torch.__version__,
+        }
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Finish the pending write; False if it failed or did not finish within `timeout` seconds."""
+        if self.writer is None:
+            return True
+        self.writer.join(timeout)
+        if self.writer.is_alive():
+            return False
+        self.writer = None
+        return self.write_ok
+
+    def _write(self, data: bytes, meta: dict, emergency: bool) -> None:
+        step, attempts = meta["step"], 1 if emergency else RETRIES
+        self.write_ok = False
+        for attempt in range(1, attempts + 1):
+            try:
+                if self.lease is not None and not self.lease.still_ours():
+                    self.broken = FENCED.format(url=self.url)
+                    warn(f"CHECKPOINT FAILED: step {step} was not saved: {self.broken}")
+                    return
+                fail_commit(step)
+                url = self.store.commit(step, {"state.pt": data}, meta)
+                break
+            except Exception as e:  # noqa: BLE001 — classified: a permanent fault is not retried
+                permanent = storage_fault(e) == "permanent"
+                if permanent or attempt == attempts:
+                    then = "" if emergency or permanent else " Training continues; the next save will try again."
+                    warn(f"CHECKPOINT FAILED: step {step} was not saved to {self.url} after {attempt} "
+                         f"attempt(s): {e}. The last committed step is {self.last_committed}.{then}")
+                    if permanent:
+                        self.broken = f"saving to {self.url} cannot work: {e}"
+                    return
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+        self.last_committed = step
+        log(f"checkpoint step {step} committed: {url}")
+        self.write_ok = True
+        self._prune()
+
+    def _prune(self) -> None:
+        c = self.cfg.checkpoint
+        try:
+            for url in self.store.prune(c.keep_last, c.keep_best, c.metric, c.mode, run_id=self.lineage.run_id):
+                log(f"pruned {url}")
+        except Exception as e:  # noqa: BLE001 — a failed prune costs disk space, not training
+            warn(f"pruning {self.url} failed: {e}")
+
+    def raise_broken(self) -> None:
+        """All ranks: saving stopped working on rank 0 (fenced out, permanent fault): stop with its reason."""
+        reason = dist.broadcast(self.broken, self.env)
+        raise StorageError(f"{reason}; the last committed step is {self.last_committed_everywhere()}")
+
+    def raise_diverged(self, state: TrainState, what: str) -> None:
+        self.wait()
+        last = self.last_committed_everywhere()
+        raise TrainingDiverged(
+            f"{what} at step {state.step} (epoch {state.epoch + 1}): nothing non-finite was saved; the newest "
+            f"checkpoint is step {last}. Lower optim.lr or set train.grad_clip, then resume with "
+            "resume.allow_changes=[optim.lr] (or the keys you changed)")
+
+    def last_committed_everywhere(self) -> int | None:
+        return dist.broadcast(self.last_committed, self.env)
+
+    # --- stopping -----------------------------------------------------------------------------------------
+
+    def emergency_save(self, job: Job, state: TrainState) -> int:
+        """Stop agreed: commit the step reached within the grace period (agreed by all ranks), then exit 75.
+
+        Every rank returns rank 0's outcome (only rank 0 writes).
+        """
+        t0, grace = time.monotonic(), self.cfg.preemption.grace_s
+        # Monotonic clocks differ across nodes: agree on the seconds left, so no rank gives up while rank 0 writes.
+        left = dist.all_min([preemption.deadline(grace) - t0], self.env)[0]
+        end = preemption.set_deadline(t0 + left)
+        log(f"{preemption.requested() or 'stop requested by another rank'}: saving step {state.step} "
+            f"before exiting ({max(left, 0):.1f}s left)", self.env)
+        self.wait(max(end - time.monotonic(), 0.0))  # a periodic write in flight finishes (or fails) first
+        # Still writing when the time is up: starting another save would block on it past the grace period.
+        busy, done = dist.broadcast((self.writer is not None, self.last_committed == state.step), self.env)
+        if not busy and not done:
+            self.save(job, state, emergency=True)
+            self.wait(max(end - time.monotonic(), 0.0))
+        if not dist.broadcast(self.last_committed == state.step, self.env):
+            if self.env.is_main:
+                what = (f"did not complete within preemption.grace_s={grace:g}"
+                        if self.writer is not None else "failed (see the error above)")
+                last = "none" if self.last_committed is None else self.last_committed
+                warn(f"emergency checkpoint of step {state.step} {what}; the last committed step is {last}; "
+                     f"exiting with status {preemption.EMERGENCY_SAVE_FAILED_EXIT}", self.env)
+            return preemption.EMERGENCY_SAVE_FAILED_EXIT
+        log(f"preempted: step {state.step} committed in {time.monotonic() - t0:.1f}s; exiting with status "
+            f"{preemption.PREEMPTED_EXIT}; run the same command to resume", self.env)
+        return preemption.PREEMPTED_EXIT
+
+    def finish(self, state: TrainState) -> int:
+        """All ranks: wait for the final write; 0 if it (or an earlier save of this step) is committed, else 3."""
+        ok = self.wait() and (self.last_committed == state.step or not self.cfg.checkpoint.at_end)
+        ok = dist.broadcast(ok, self.env)
+        if not ok:
+            warn(f"the final checkpoint (step {state.step}) was not saved; the last committed step is "
+                 f"{self.last_committed}; exiting with status {preemption.EMERGENCY_SAVE_FAILED_EXIT}", self.env)
+            return preemption.EMERGENCY_SAVE_FAILED_EXIT
+        return 0
+
+    def close(self, timeout: float | None = None) -> None:
+        """Always called: a pending write gets `timeout` seconds (a crash must not abandon it), then the lease
+        is released."""
+        self.wait(timeout)
+        if self.lease is not None:
+            self.lease.release()
+        if self.created:  # a run refused or failed before its first commit leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.store.root)
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def apply_changes(job: Job, changes: list[drift.Change], built_schedule: dict) -> None:
+    """Write allowed config changes into what the checkpoint restored: optimizer hyperparameters and scheduler
+    arguments, taken from the objects this job built before loading (so a removed argument gets its default);
+    everything else the loop reads from the config, so it applies by itself."""
+    optimizer, scheduler = job.optimizer, job.scheduler
+    for change in changes:
+        section, _, name = change.key.partition(".")
+        if change.key == "optim.lr":  # the scheduled LR and its anchors scale together
+            factor = change.new / change.old
+            for group in optimizer.param_groups:
+                for key in ("lr", "initial_lr"):
+                    if key in group:
+                        group[key] *= factor
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        elif section == "optim" and name.startswith("args."):
+            arg = name.removeprefix("args.").split(".")[0]
+            for group in optimizer.param_groups:
+                if arg in group and arg in optimizer.defaults:
+                    group[arg] = optimizer.defaults[arg]
+        elif section == "scheduler" and name.startswith("args.") and scheduler is not None:
+            arg = name.removeprefix("args.").split(".")[0]
+            if arg in built_schedule:  # chainable schedules go on from the current LR with the new argument
+                setattr(scheduler, arg, built_schedule[arg])

@@ -1,0 +1,78 @@
+"""Config → the objects that train: data, model (new head, phase plan), loss, optimizer, scheduler, scaler.
+
+Shared by `runner train` (loop.py), `runner summary` and `runner export`, which build the same model without
+importing the loop. Pretrained weights (`model.init_from`) are not loaded here: only a fresh start loads them
+(`load_init_weights`), since a resumed run's checkpoint replaces them anyway.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import finetune, weights
+from .components import build_loss, build_model, build_optimizer, build_scheduler
+from .config import RunConfig
+from .data import Datasets, build_datasets
+from .dist import DistEnv
+from .errors import ConfigError
+from .metrics import log
+
+
+@dataclass
+class Job:
+    """Everything built from the config; `model` is the plain module, `wrapped` what trains (DDP or not)."""
+    cfg: RunConfig
+    env: DistEnv
+    data: Datasets
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    phases: list
+    head: str | None
+    wrapped: nn.Module | None = None
+    phase: int | None = None
+
+
+def build_job(cfg: RunConfig, env: DistEnv) -> Job:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    data = build_datasets(cfg.data)
+    if env.world_size > len(data.train):  # padding would give ranks unequal steps, and a collective would hang
+        raise ConfigError(f"data: the training set has {len(data.train)} sample(s), fewer than the "
+                          f"{env.world_size} processes; every rank needs at least one sample per epoch")
+    model, phases, head = build_model_for(cfg, data)
+    model.to(env.device)
+    optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
+    if cfg.train.precision == "fp16" and env.device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
+    return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
+               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head)
+
+
+def build_model_for(cfg: RunConfig, data: Datasets) -> tuple[nn.Module, list, str | None]:
+    """The model as training sees it, head replaced, with its phase plan; no pretrained weights yet."""
+    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    head = cfg.finetune.head.module if cfg.finetune.head else None
+    phases = [finetune.Phase(p.epochs, tuple(p.train), dict(p.lr_mult)) for p in cfg.finetune.phases]
+    finetune.validate_plan(model, phases, head)  # first: a misnamed module fails naming its key, before any load
+    if cfg.finetune.head:
+        finetune.replace_head(model, head, cfg.finetune.head.num_classes)
+    return model, phases, head
+
+
+def load_init_weights(job: Job) -> None:
+    """model.init_from into the built model (the replaced head's weights are neither loaded nor required)."""
+    cfg = job.cfg
+    if cfg.model.init_from:
+        log(weights.load_pretrained(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
+                                    strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
+                                    new_head=job.head), job.env)
+
+
+def example_batch(data: Datasets, n: int = 2) -> torch.Tensor:
+    """A few training inputs, for summaries and export tracing."""
+    return torch.stack([data.train[i][0] for i in range(min(n, len(data.train)))])

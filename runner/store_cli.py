@@ -1,0 +1,59 @@
+"""`runner ckpt ls|verify` output: a table of a store's checkpoints, tolerant of whatever it finds."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from runner.checkpoint import STEP_RE, CheckpointInfo, CheckpointStore, open_checkpoint
+
+
+def _human(n: int) -> str:
+    unit = next(u for u in range(4) if n < 1024 ** (u + 1) or u == 3)
+    return f"{n} B" if unit == 0 else f"{n / 1024 ** unit:.1f} {('KiB', 'MiB', 'GiB')[unit - 1]}"
+
+
+def _when(t: object) -> str:
+    if type(t) not in (int, float):
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a timestamp no calendar holds
+        return "-"
+
+
+def _row(info: CheckpointInfo) -> list[str]:
+    # The store hands over only well-formed manifests (or None); the listing is how a user finds out why.
+    m = info.manifest or {}
+    files = m.get("files", {})
+    size = _human(sum(e["size"] for e in files.values())) if files else "-"
+    shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in sorted(m.get("metrics", {}).items())) or "-"
+    status = f"INVALID: {info.reason}" if not info.valid else f"valid ({info.note})" if info.note else "valid"
+    return [str(info.step), str(m.get("epoch", "-")), _when(m.get("committed_at")), size, shown, status]
+
+
+def _table(infos: list[CheckpointInfo]) -> str:
+    rows = [["step", "epoch", "time (UTC)", "size", "metrics", "status"]] + [_row(i) for i in infos]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+
+def describe_listing(store: CheckpointStore) -> str:
+    """A table of every checkpoint in `store` (cheap check, no hashing)."""
+    infos = store.list()
+    return _table(infos) if infos else f"no checkpoints under {store.url}"
+
+
+def run_verify(url: str, storage_options: dict | None = None) -> tuple[str, int]:
+    """Fully verify one checkpoint (URL names step-*) or every checkpoint of a store; (text, exit code)."""
+    if STEP_RE.fullmatch(url.rstrip("/").rpartition("/")[2]):
+        store, info = open_checkpoint(url, storage_options)
+        infos = [store.verify(info)]
+    else:
+        store = CheckpointStore(url, storage_options)
+        infos = [store.verify(i) for i in store.list()]
+        if not infos:
+            return f"no checkpoints under {store.url}", 1
+    bad = sum(not i.valid for i in infos)
+    summary = f"{len(infos)} checkpoint(s) verified, {bad} invalid"
+    return _table(infos) + "\n" + summary, 1 if bad else 0
