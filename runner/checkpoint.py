@@ -4,20 +4,21 @@ This module knows bytes and fsspec URLs, not training. Layout:
 
     <store>/step-000001234/{MANIFEST.json, state.pt, ...}
 
-A checkpoint exists iff its MANIFEST.json is well-formed and every file it lists matches in size and sha256.
-Local filesystems write into `<store>/.tmp-step-…-<hex>` and `os.replace` it into place. Object stores (no
-rename) write each data object under a fresh physical name (state.pt as state.<nonce>.pt, recorded as the
-file's "object" in the manifest), then the manifest in one PUT: that PUT switches a re-committed step to
-the new objects, and only then are the old ones deleted, so a failed rewrite leaves the old checkpoint whole.
+A checkpoint exists iff its MANIFEST.json is well-formed and every file it lists matches in size and sha256
+(what a well-formed manifest is: runner/manifest.py). Local filesystems write into `<store>/.tmp-step-…-<hex>`
+and `os.replace` it into place. Object stores (no rename) write each data object under a fresh physical name
+(state.pt as state.<nonce>.pt, recorded as the file's "object" in the manifest), then the manifest in one PUT:
+that PUT switches a re-committed step to the new objects, and only then are the old ones deleted, so a failed
+rewrite leaves the old checkpoint whole. See docs/design.md, "Checkpoints and resume".
 
 Storage failures surface as StorageError (permanent: fix the URL, permissions or credentials) or
-StorageUnavailable (transient: retry later), classified in one place, `storage_fault`.
+StorageUnavailable (transient: retry later), classified in one place, `storage_fault` (runner/storage_faults.py);
+reads and the probe retry transient failures here, `retry_transient`.
 
 Test hook: if the environment variable RUNNER_TEST_SLOW_COMMIT_S is set to a float, `commit`
 sleeps that many seconds after the data files are written and before the manifest is written,
 so chaos tests can land a kill inside a write.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -25,22 +26,23 @@ import errno
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import fsspec
 
 from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, StorageError, StorageUnavailable
+from runner.manifest import (MANIFEST, check_files, fresh_object, parse_manifest, score, size_problem, stored_object,
+                             unreferenced)
+from runner.storage_faults import is_storage_exc, one_line, storage_errors, storage_fault
 
-MANIFEST = "MANIFEST.json"
 SLOW_COMMIT_ENV = "RUNNER_TEST_SLOW_COMMIT_S"
 LEGACY_RUN_ID = "legacy"  # the run of a manifest written before manifests named their run
 STEP_RE = re.compile(r"step-([0-9]+)")  # ASCII digits only: int() would read "step-٦" as step 6
@@ -51,33 +53,10 @@ _sleep = time.sleep  # retry_transient's pause; tests replace it
 _TMP_PREFIX = ".tmp-"
 _ASIDE_PREFIX = ".old-"  # a committed checkpoint moved aside while its step is re-committed (local dirs)
 _CHUNK = 8 << 20  # verify streams files: a checkpoint may not fit in memory twice
-_MAX_DEPTH = 64  # deeper manifests are not ours, and recursive consumers (json.dumps, pickle) could overflow
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
            "abfss": "azure", "adl": "azure"}
-
-# storage_fault's evidence. Class names, not classes, so that no cloud SDK is imported to classify its errors.
-_TRANSIENT_NAMES = frozenset({
-    "TimeoutError", "ConnectionError", "gaierror", "herror", "IncompleteRead",  # builtins, socket, http.client
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",  # botocore
-    "ClientConnectionError", "ServerTimeoutError", "ClientPayloadError",  # aiohttp
-})
-_PERMANENT_NAMES = frozenset({
-    "PermissionError", "FileNotFoundError", "NotADirectoryError", "IsADirectoryError", "TypeError", "ValueError",
-    "NoCredentialsError", "PartialCredentialsError",  # botocore
-})
-_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                              "TooManyRequestsException", "RequestTimeout", "InternalError", "ServiceUnavailable"})
-_PERMANENT_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoSuchBucket",
-                              "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem"})
-_TRANSIENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED,
-                               errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN,
-                               errno.ENOSPC, errno.EDQUOT})  # a full disk can be freed: by pruning, by someone
-_STORAGE_LIBS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "azure", "google",
-                           "fsspec", "requests", "urllib3"})
 _FSYNC_DIR_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
-Fault = Literal["transient", "permanent"]
 T = TypeVar("T")
 
 
@@ -95,52 +74,8 @@ def _warn_stderr(msg: str) -> None:
     print(f"runner: warning: {msg}", file=sys.stderr)
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
-
-
 def _step_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def _fault_of(exc: BaseException) -> Fault | None:
-    """What this one exception says about retrying, or None if it says nothing (look at its cause)."""
-    if isinstance(exc, RunnerError):
-        return "transient" if isinstance(exc, StorageUnavailable) else "permanent"
-    response, status = getattr(exc, "response", None), None
-    if isinstance(response, dict):  # botocore's ClientError
-        code = (response.get("Error") or {}).get("Code")
-        if code in _PERMANENT_CODES:
-            return "permanent"
-        if code in _TRANSIENT_CODES:
-            return "transient"
-        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if names & _PERMANENT_NAMES:
-        return "permanent"
-    if names & _TRANSIENT_NAMES or getattr(exc, "errno", None) in _TRANSIENT_ERRNOS:
-        return "transient"
-    if status is None:  # other HTTP clients' errors: aiohttp, requests, google, azure
-        values = (getattr(exc, attr, None) for attr in ("status_code", "status", "code"))
-        status = next((v for v in values if type(v) is int), None)
-    if type(status) is not int or status < 400:
-        return None
-    return "transient" if status >= 500 or status in (408, 429) else "permanent"
-
-
-def storage_fault(exc: BaseException) -> Fault:
-    """Classify a storage failure: "transient" if retrying the same operation can help (timeouts, refused or
-    reset connections, HTTP 5xx, throttling, a full disk), else "permanent" (credentials, permissions, no such bucket or
-    path, a value that cannot be serialized, anything unrecognised). Looks through the chain of causes: backends
-    wrap the client's error (s3fs turns a 503 SlowDown into a bare OSError caused by botocore's ClientError)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if fault := _fault_of(cause):
-            return fault
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return "permanent"
 
 
 def retry_transient(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS,
@@ -155,33 +90,10 @@ def retry_transient(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMP
             if storage_fault(e) == "permanent":
                 raise
             if attempt >= attempts:
-                detail = str(e) if isinstance(e, RunnerError) else _one_line(e)
+                detail = str(e) if isinstance(e, RunnerError) else one_line(e)
                 raise StorageUnavailable(f"{what} failed {attempts} times; last error: {detail}") from e
         _sleep(backoff_s * 2 ** (attempt - 1))
         attempt += 1
-
-
-def _is_storage_exc(exc: Exception) -> bool:
-    return isinstance(exc, (OSError, TypeError, ValueError)) or any(
-        cls.__module__.partition(".")[0] in _STORAGE_LIBS for cls in type(exc).__mro__)
-
-
-@contextlib.contextmanager
-def storage_errors(action: str, url: str):
-    """Turn storage failures into one-line StorageError / StorageUnavailable that name the URL and the cause."""
-    try:
-        yield
-    except RunnerError:
-        raise
-    except Exception as e:
-        if not _is_storage_exc(e):
-            raise
-        detail = _one_line(e)
-        if storage_fault(e) == "transient":
-            raise StorageUnavailable(f"cannot {action} {url}: {detail}; try again later, or check the network, "
-                                     "the endpoint and free space") from e
-        raise StorageError(
-            f"cannot {action} {url}: {detail}; check the path, permissions and storage credentials") from e
 
 
 def _open_fs(url: str, storage_options: dict | None):
@@ -221,105 +133,6 @@ def _fsync_dir(path: str) -> None:
 def _test_pause() -> None:
     if os.environ.get(SLOW_COMMIT_ENV):
         time.sleep(float(os.environ[SLOW_COMMIT_ENV]))
-
-
-def _plain_name(name: object) -> bool:
-    """A file name that stays inside its checkpoint directory and is not the manifest."""
-    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".") and name != MANIFEST
-
-
-def _check_files(files: dict) -> None:
-    for name in files:
-        if not _plain_name(name):
-            raise CheckpointError(f"invalid checkpoint file name {name!r}: use a plain name such as state.pt")
-
-
-def _fresh_object(name: str, nonce: str) -> str:
-    stem, dot, ext = name.rpartition(".")
-    return f"{stem}.{nonce}.{ext}" if dot else f"{name}.{nonce}"
-
-
-def _object(name: str, entry: dict) -> str:
-    """The stored object of a manifest file entry ("object" absent: stored under its own name)."""
-    return entry.get("object", name)
-
-
-def _unreferenced(manifest: dict, present: Iterable[str]) -> list[str]:
-    """Files of a checkpoint directory that its manifest does not reference (leftovers of a failed rewrite)."""
-    referenced = {MANIFEST} | {_object(n, e) for n, e in manifest["files"].items()}
-    return sorted(set(present) - referenced)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _too_deep(obj: object) -> bool:
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            return True
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
-
-
-def _entry_problem(name: str, entry: object) -> str:
-    if not _plain_name(name):
-        return f"file name {_short(name)} is not a plain name"
-    if not isinstance(entry, dict):
-        return f"{name}: entry is not an object"
-    size, sha, obj = entry.get("size"), entry.get("sha256"), _object(name, entry)
-    if type(size) is not int or size < 0:
-        return f"{name}: size {_short(size)} is not a non-negative integer"
-    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        return f"{name}: sha256 {_short(sha)} is not 64 hex digits"
-    if not _plain_name(obj):
-        return f"{name}: object {_short(obj)} is not a plain name"
-    return ""
-
-
-def _parse_manifest(blob: bytes, step: int) -> tuple[dict | None, str, str]:
-    """The one gate for manifests: (manifest, problem, note). A manifest with a problem comes back as None, so
-    no consumer ever sees a malformed one; `note` names a flaw that is tolerated (metrics ignored)."""
-    try:
-        manifest = json.loads(blob)
-    except (ValueError, RecursionError) as e:  # RecursionError: crafted nesting such as "[" * 100000
-        return None, f"manifest unreadable: {_one_line(e)}", ""
-    if not isinstance(manifest, dict):
-        return None, "manifest malformed: not a JSON object", ""
-    if _too_deep(manifest):
-        return None, f"manifest malformed: nested deeper than {_MAX_DEPTH} levels", ""
-    if "step" in manifest and (type(manifest["step"]) is not int or manifest["step"] != step):
-        return None, f"manifest step {_short(manifest['step'])} != directory step {step}", ""
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return None, "manifest malformed: no 'files' object", ""
-    for name, entry in files.items():
-        if problem := _entry_problem(name, entry):
-            return None, f"manifest malformed: {problem}", ""
-    if isinstance(manifest.get("metrics", {}), dict):
-        return manifest, "", ""
-    return {**manifest, "metrics": {}}, "", "metrics ignored: not a JSON object"
-
-
-def _size_problem(manifest: dict, sizes: dict[str, int]) -> str:
-    """Cheap validity check: every file's object is present with its recorded size."""
-    for name, entry in sorted(manifest["files"].items()):
-        obj = _object(name, entry)
-        if obj not in sizes:
-            return f"{name}: missing"
-        if sizes[obj] != entry["size"]:
-            return f"{name}: size {sizes[obj]} != {entry['size']}"
-    return ""
-
-
-def _score(info: CheckpointInfo, metric: str | None) -> int | float | None:
-    """The retention metric of a valid checkpoint; None (unscored) unless it is a finite number."""
-    value = info.manifest.get("metrics", {}).get(metric)
-    return value if type(value) is int or (type(value) is float and math.isfinite(value)) else None
 
 
 class CheckpointStore:
@@ -365,10 +178,10 @@ class CheckpointStore:
 
     def commit(self, step: int, files: dict[str, bytes], meta: dict) -> str:
         """Atomically write checkpoint `step-{step:09d}` holding `files`; returns its URL."""
-        _check_files(files)
+        check_files(files)
         name, url = _step_name(step), self._url(_step_name(step))
         nonce = uuid.uuid4().hex[:12]
-        objects = {n: n if self.local else _fresh_object(n, nonce) for n in files}
+        objects = {n: n if self.local else fresh_object(n, nonce) for n in files}
         # Hash the bytes as given: one pass in memory, never re-read what we just wrote.
         entries = {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest(),
                        **({} if objects[n] == n else {"object": objects[n]})} for n, b in files.items()}
@@ -418,11 +231,11 @@ class CheckpointStore:
             for obj in sorted(set(self._relative_files(base)) - {MANIFEST, *objects}):
                 self.fs.rm_file(f"{base}/{obj}")
         except Exception as e:
-            if not _is_storage_exc(e):
+            if not is_storage_exc(e):
                 raise
             # Committed all the same: the stale objects cost space, and cleanup_partial removes them later.
             _warn_stderr(f"committed {self._url(name)} but could not delete the objects it replaced "
-                         f"({_one_line(e)}); `cleanup_partial` removes them later")
+                         f"({one_line(e)}); `cleanup_partial` removes them later")
 
     def _relative_files(self, base: str) -> list[str]:
         return [p[len(base) + 1:] for p in self.fs.find(base)]
@@ -458,14 +271,14 @@ class CheckpointStore:
             blob = self.fs.cat_file(f"{self._path(name)}/{MANIFEST}")
         except FileNotFoundError:
             return None, "manifest missing", ""
-        return _parse_manifest(blob, step)
+        return parse_manifest(blob, step)
 
     def _cheap_info(self, name: str, step: int, sizes: dict[str, int]) -> CheckpointInfo:
         manifest, reason, note = None, "manifest missing", ""
         if MANIFEST in sizes:  # saves a request per manifest-less directory
             manifest, reason, note = self._load_manifest(name, step)
         if not reason:
-            reason = _size_problem(manifest, sizes)
+            reason = size_problem(manifest, sizes)
         return CheckpointInfo(self._url(name), step, manifest, not reason, reason, note)
 
     def list(self) -> list[CheckpointInfo]:
@@ -515,7 +328,7 @@ class CheckpointStore:
         with storage_errors("verify checkpoint", info.url):
             for fname, entry in sorted(info.manifest["files"].items()):
                 try:
-                    ok = self._sha256(f"{self._path(name)}/{_object(fname, entry)}") == entry["sha256"]
+                    ok = self._sha256(f"{self._path(name)}/{stored_object(fname, entry)}") == entry["sha256"]
                 except FileNotFoundError:
                     return replace(info, valid=False, reason=f"{fname}: missing")
                 if not ok:
@@ -564,7 +377,7 @@ class CheckpointStore:
                 has = ", ".join(manifest["files"])
                 raise CheckpointError(f"cannot read {url}: not in its manifest (it has: {has})")
             try:
-                data = self.fs.cat_file(f"{self._path(dname)}/{_object(name, entry)}")
+                data = self.fs.cat_file(f"{self._path(dname)}/{stored_object(name, entry)}")
             except FileNotFoundError:
                 raise CorruptCheckpoint(f"cannot read {url}: file missing; resume from another checkpoint",
                                         f"{name}: missing") from None
@@ -597,8 +410,8 @@ class CheckpointStore:
         if not valid:
             return []
         keep = {i.step for i in valid[-keep_last:]}
-        scored = [i for i in valid if _score(i, metric) is not None]
-        scored.sort(key=lambda i: _score(i, metric), reverse=(mode == "max"))
+        scored = [i for i in valid if score(i.manifest, metric) is not None]
+        scored.sort(key=lambda i: score(i.manifest, metric), reverse=(mode == "max"))
         keep |= {i.step for i in scored[:max(keep_best, 0)]}
         doomed = [i for i in infos if i.step not in keep and i.step < valid[-1].step]
         with storage_errors("delete checkpoints under", self.url):
@@ -626,7 +439,7 @@ class CheckpointStore:
                     self._delete(self._path(name))
                     removed.append(self._url(name))
                 elif m and (info := self._cheap_info(name, int(m.group(1)), sizes)).valid:
-                    for obj in _unreferenced(info.manifest, sizes):
+                    for obj in unreferenced(info.manifest, sizes):
                         self.fs.rm_file(f"{self._path(name)}/{obj}")
                         removed.append(f"{self._url(name)}/{obj}")
         return removed

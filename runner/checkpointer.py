@@ -171,8 +171,10 @@ class Checkpointer:
             store, info = open_checkpoint(found.url, cfg.checkpoint.storage_options)
             data = store.read(info)
         built_schedule = job.scheduler.state_dict() if job.scheduler is not None else {}  # this job's arguments
+        written = found.manifest.get("config") or {}
+        legacy_batch = (written.get("data") or {}).get("batch_size", cfg.data.batch_size) * self._saved_world(found)
         state = restore(load_bytes(data, found.url), job.model, job.optimizer, job.scheduler, job.scaler, env,
-                        found.url)
+                        found.url, cfg.train.seed, legacy_batch)
         if changes:
             apply_changes(job, changes, built_schedule)
             log(f"applied config changes (resume.allow_changes): {drift.describe(changes)}", env)
@@ -182,33 +184,56 @@ class Checkpointer:
             self.last_committed = state.step
         self._extend_if_asked(state, found.manifest)
         lost = max(0, last_step - state.step)
-        log(f"resuming from {found.url}: step {state.step}, epoch {state.epoch + 1}, batch {state.batch_in_epoch} "
-            f"of the epoch; {lost} step(s) lost since that checkpoint", env)
+        log(f"resuming from {found.url}: step {state.step}, epoch {state.epoch + 1}, sample {state.sample_in_epoch} "
+            f"of the epoch (written by {self._saved_world(found)} process(es)); {lost} step(s) lost since that "
+            "checkpoint", env)
         return state
 
     def _check_compatible(self, found: Resume) -> list[drift.Change]:
+        """Refuse changes to what trains (one line listing each) unless allowed; return the allowed ones."""
         cfg, env = self.cfg, self.env
-        saved = found.manifest.get("world_size")
-        if saved != env.world_size and not cfg.resume.allow_world_size_change:
-            raise CheckpointError(f"{found.url} was written with world size {saved}, this run has {env.world_size}; "
-                                  "the data order depends on it. Relaunch with the same number of processes or set "
-                                  "resume.allow_world_size_change=true")
         saved_cfg = found.manifest.get("config")
         if not isinstance(saved_cfg, dict):
             warn(f"{found.url} records no config, so changes to the job cannot be checked", env)
             return []
-        changes = drift.trajectory_changes(saved_cfg, to_dict(cfg))
-        refusal = drift.refusal(changes, list(cfg.resume.allow_changes), found.url)
+        changes, saved = drift.trajectory_changes(saved_cfg, to_dict(cfg)), self._saved_world(found)
+        batch = self._global_batch_change(found, saved_cfg)
+        if saved != env.world_size:
+            log(f"world size {saved} → {env.world_size}: resuming at the same global sample", env)
+        refusal = drift.refusal(changes + ([batch] if batch else []), list(cfg.resume.allow_changes), found.url)
+        if refusal and batch and saved != env.world_size:
+            refusal += (f"; it was written by {saved} process(es), this run has {env.world_size}: "
+                        f"data.global_batch_size={batch.old} keeps the global batch on any number of processes, "
+                        "resume.allow_world_size_change=true accepts the change")
         if refusal:
             raise CheckpointError(refusal)
         for change in changes:  # allowed, but the saved state cannot take them
             if change.key in ("optim.name", "scheduler.name") or (change.key == "optim.lr" and not change.old):
                 raise ConfigError(f"{change.key} cannot change on resume: the saved state belongs to {change.old}; "
                                   "start a new run in another checkpoint.dir")
-            if change.key == "data.batch_size" and found.manifest.get("batch_in_epoch"):
-                raise ConfigError(f"data.batch_size can change only at an epoch boundary; {found.url} is at batch "
-                                  f"{found.manifest['batch_in_epoch']} of epoch {found.manifest.get('epoch', 0) + 1}")
+        if batch:
+            log(f"the global batch changes from {batch.old} to {batch.new}", env)
         return changes
+
+    def _global_batch_change(self, found: Resume, written: dict) -> drift.Change | None:
+        """The position is global, so any world size resumes at the exact sample; what may change is the global
+        batch (samples per optimizer step), unless data.global_batch_size fixes it. Accepted with another world
+        size under resume.allow_world_size_change."""
+        cfg, env, saved = self.cfg, self.env, self._saved_world(found)
+        data, train = written.get("data") or {}, written.get("train") or {}
+        old = data.get("global_batch_size") or (data.get("batch_size", cfg.data.batch_size) * saved
+                                                * (train.get("accumulate") or 1))
+        new = cfg.data.global_batch_size or cfg.data.batch_size * env.world_size * cfg.train.accumulate
+        if old == new:
+            return None
+        if saved != env.world_size and cfg.resume.allow_world_size_change:
+            log(f"the global batch changes from {old} to {new} (resume.allow_world_size_change)", env)
+            return None
+        return drift.Change("data.global_batch_size", old, new)
+
+    @staticmethod
+    def _saved_world(found: Resume) -> int:
+        return int(found.manifest.get("world_size") or 1)
 
     def _extend_if_asked(self, state: TrainState, manifest: dict) -> None:
         """A finished run whose max_epochs/max_steps were raised continues the same lineage."""
@@ -256,8 +281,7 @@ class Checkpointer:
         return {
             "format": FORMAT, "run_id": self.lineage.run_id, "started_by": self.lineage.started_by,
             "parent": self.lineage.parent,
-            "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-            "samples_in_epoch": state.samples_in_epoch(self.cfg.data.batch_size, self.env.world_size),
+            "step": state.step, "epoch": state.epoch, "sample_in_epoch": state.sample_in_epoch,
             "world_size": self.env.world_size, "finished": state.finished,
             # only measured here: a mid-epoch save must not carry (and compete with) the last epoch's numbers
             "metrics": last if last.get("step") == state.step else {},

@@ -50,7 +50,9 @@ class DataConfig:
     args: dict = field(default_factory=dict)
     """Dataset-specific options (path, columns, root, download, shape, augment, classes, …)."""
     batch_size: int = 32
-    """Samples per step on each rank; the global batch is batch_size × world size."""
+    """Samples per micro-batch on each rank; the global batch is batch_size × world size × accumulation."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks; fixes it across world sizes (accumulation is derived)."""
     eval_batch_size: Optional[int] = None
     """Per-rank batch size for evaluation; defaults to batch_size."""
     num_workers: int = 0
@@ -259,6 +261,9 @@ def check_values(cfg: RunConfig, source: Path) -> None:
             raise ConfigError(f"{source}: '{key}' must be positive, got {value}")
     if cfg.data.num_workers < 0 or cfg.checkpoint.keep_last < 0 or cfg.checkpoint.keep_best < 0:
         raise ConfigError(f"{source}: data.num_workers, checkpoint.keep_last and checkpoint.keep_best must be >= 0")
+    if cfg.data.global_batch_size is not None and (cfg.data.global_batch_size <= 0 or cfg.train.accumulate != 1):
+        raise ConfigError(f"{source}: 'data.global_batch_size' must be positive and replaces 'train.accumulate' "
+                          "(runner derives the accumulation from the world size); leave train.accumulate at 1")
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError(f"{source}: 'checkpoint.keep_best' needs 'checkpoint.metric' (e.g. val_loss) to rank by")
     if cfg.out_dir and "://" in cfg.out_dir:

@@ -268,10 +268,16 @@ def seed_cpu(seed: int, sources: tuple[str, ...] = RNG_SOURCES) -> None:
 
 
 class ShardedSampler(Sampler[int]):
-    """Disjoint per-rank shards of a (seed, epoch)-shuffled order, startable at any position.
+    """The data order, defined here and nowhere else.
 
-    Training pads the order (repeating its start) so every rank takes the same number of steps; evaluation
-    does not pad, so no sample is counted twice.
+    - order = f(seed, epoch): a permutation of the dataset (identity without shuffle). It does not depend on
+      the world size, so a run resumed on another number of processes goes on through the same order.
+    - a rank's share = f(order, start, rank, world size): `start` is the epoch's global position (samples
+      consumed by all ranks together). The rest of the order is dealt round-robin: rank r takes positions
+      start + r, start + r + W, … For training it is padded to a multiple of W by repeating the order from
+      its beginning (cyclically), so every rank takes the same number of steps; evaluation does not pad.
+    After every rank took k samples the consumed samples are exactly order[:start + k·W], a prefix: the
+    position of a checkpoint is one number, valid for any world size.
     """
 
     def __init__(self, size: int, rank: int, world_size: int, seed: int, shuffle: bool, pad: bool):
@@ -280,24 +286,24 @@ class ShardedSampler(Sampler[int]):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """`start`: samples of this rank's shard already consumed (mid-epoch resume skips them unread)."""
+        """`start`: the epoch's global position (mid-epoch resume skips what was consumed, without loading it)."""
         self.epoch, self.start = epoch, start
 
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
     def shard(self) -> list[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.size))
-        if self.pad:  # cyclically: with fewer samples than ranks one repetition of the start is not enough
-            total = math.ceil(self.size / self.world_size) * self.world_size
-            order = [order[i % self.size] for i in range(total)]
-        return order[self.rank :: self.world_size]
+        order, start = self.order(), min(self.start, self.size)
+        end = start + math.ceil((self.size - start) / self.world_size) * self.world_size if self.pad else self.size
+        return [order[i % self.size] for i in range(start + self.rank, end, self.world_size)]
 
     def __iter__(self):
-        return iter(self.shard()[self.start :])
+        return iter(self.shard())
 
     def __len__(self):
-        return max(0, len(self.shard()) - self.start)
+        return len(self.shard())
 
 
 def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int) -> DataLoader:

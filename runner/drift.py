@@ -21,6 +21,8 @@ class Category(enum.Enum):
     """How long to train: never blocks; a larger value extends a finished run."""
     FREE = "free"
     """No effect on the math (workers, logging, devices, where and when to save): never blocks."""
+    GLOBAL_BATCH = "global batch"
+    """Ways to state the global batch: the checkpointer compares the effective global batch instead."""
 
 
 # Longest matching prefix wins; any other key (model.*, data.*, optim.*, scheduler.*, the rest of train.*,
@@ -32,6 +34,8 @@ CATEGORIES = {
     "model.trust_pickle": Category.FREE,
     "data.num_workers": Category.FREE,
     "data.eval_batch_size": Category.FREE,
+    "data.global_batch_size": Category.GLOBAL_BATCH,
+    "train.accumulate": Category.GLOBAL_BATCH,
     "train.max_epochs": Category.EXTEND,
     "train.max_steps": Category.EXTEND,
     "train.progress": Category.FREE,

@@ -33,6 +33,7 @@ class Job:
     scaler: torch.amp.GradScaler
     phases: list
     head: str | None
+    accumulate: int  # micro-batches per optimizer step on this world size
     wrapped: nn.Module | None = None
     phase: int | None = None
 
@@ -50,7 +51,21 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
-               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head)
+               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head, accumulation(cfg, env.world_size))
+
+
+def accumulation(cfg: RunConfig, world_size: int) -> int:
+    """train.accumulate, or what data.global_batch_size needs on this many processes."""
+    target, micro = cfg.data.global_batch_size, cfg.data.batch_size
+    if target is None:
+        return cfg.train.accumulate
+    if target % (micro * world_size):
+        sizes = [w for w in range(1, target // micro + 1) if target % (micro * w) == 0]
+        raise ConfigError(f"data.global_batch_size {target} is not a multiple of data.batch_size {micro} × "
+                          f"{world_size} process(es) = {micro * world_size}; with this batch size it works on "
+                          f"{', '.join(map(str, sizes)) or 'no'} process(es); change data.batch_size or the "
+                          "number of processes")
+    return target // (micro * world_size)
 
 
 def build_model_for(cfg: RunConfig, data: Datasets) -> tuple[nn.Module, list, str | None]:

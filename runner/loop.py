@@ -55,15 +55,14 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
             "checkpoint.dir", env)
         return 0
     announce(job)
-    batch_size = cfg.data.batch_size
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
     seeded = SeededDataset(job.data.train, cfg.train.seed)
-    loader = make_loader(seeded, sampler, batch_size, cfg.data.num_workers)
+    loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers)
     while True:
         enter_phase(job, finetune.phase_at(job.phases, state.epoch))
         seeded.epoch = state.epoch
-        sampler.set_epoch(state.epoch, start=state.batch_in_epoch * batch_size)
+        sampler.set_epoch(state.epoch, start=state.sample_in_epoch)
         outcome = train_epoch(job, ckpt, steps, loader, state)
         if outcome == PREEMPTED:
             return ckpt.emergency_save(job, state)
@@ -83,16 +82,19 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
 def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, loader, state: TrainState) -> str:
     """Train until the epoch ends, max_steps is reached, or a stop is requested (agreed by all ranks)."""
     cfg, env = job.cfg, job.env
-    if reached_max_steps(cfg, state) and len(loader):  # stopped on the max_steps step, before end_epoch ran
+    batches = len(loader)  # this rank's micro-batches left in the epoch
+    if reached_max_steps(cfg, state) and batches:  # stopped on the max_steps step, before end_epoch ran
         return MAX_STEPS
-    total = state.batch_in_epoch + len(loader)
-    bar = ProgressBar(show_bar(cfg, env), total, state.epoch, cfg.train.max_epochs, state.batch_in_epoch)
+    per_batch = cfg.data.batch_size * env.world_size
+    done = state.sample_in_epoch // per_batch
+    bar = ProgressBar(show_bar(cfg, env), done + batches, state.epoch, cfg.train.max_epochs, done)
     nonfinite = False
-    for x, y in loader:
-        group_start = state.batch_in_epoch - state.batch_in_epoch % cfg.train.accumulate
-        group_size = min(cfg.train.accumulate, total - group_start)
-        state.batch_in_epoch += 1
-        boundary = state.batch_in_epoch - group_start == group_size
+    for index, (x, y) in enumerate(loader):
+        # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
+        group_start = index - index % job.accumulate
+        group_size = min(job.accumulate, batches - group_start)
+        boundary = index + 1 - group_start == group_size
+        state.sample_in_epoch += len(y) * env.world_size  # every rank's batch has this size (padding)
         loss = forward_backward(job, x, y, state.sums, group_size, sync=boundary)
         nonfinite |= not math.isfinite(loss)
         bar.update(loss)
@@ -114,10 +116,10 @@ def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, loader, state: 
         if stop:
             bar.close()
             return PREEMPTED
-        if reached_max_steps(cfg, state) and state.batch_in_epoch < total:
+        if reached_max_steps(cfg, state) and index + 1 < batches:
             bar.close()
             return MAX_STEPS
-        if state.batch_in_epoch < total:  # at the epoch's end, the save after end_epoch covers it
+        if index + 1 < batches:  # at the epoch's end, the save after end_epoch covers it
             ckpt.maybe_save(job, state, due_now=save_now)
     bar.close()
     return EPOCH_END
@@ -180,7 +182,7 @@ def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
         metric_value(metrics, cfg.checkpoint.metric, "checkpoint.metric")
     state.history.append(metrics)
     if complete:
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.epoch, state.sample_in_epoch = state.epoch + 1, 0
     stop = early_stopping(cfg, state, metrics)
     log(format_epoch(metrics) + (" — early stop" if stop else ""), env)
     if env.is_main:
@@ -275,5 +277,6 @@ def announce(job: Job) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(text)
     log("resolved config:\n" + text.rstrip(), env)
-    log(f"world size {env.world_size}, device {env.device}, global batch {cfg.data.batch_size * env.world_size} "
-        f"({cfg.data.batch_size} per rank)", env)
+    accumulated = f" × {job.accumulate} accumulated" if job.accumulate > 1 else ""
+    log(f"world size {env.world_size}, device {env.device}, global batch "
+        f"{cfg.data.batch_size * env.world_size * job.accumulate} ({cfg.data.batch_size} per rank{accumulated})", env)

@@ -10,6 +10,7 @@ import torch
 
 from . import dist
 from .dist import DistEnv
+from .data import seed_all
 from .errors import CheckpointError
 
 
@@ -17,16 +18,13 @@ from .errors import CheckpointError
 class TrainState:
     """Where training is. All fields but `sums` are the same on every rank; `sums` are this rank's."""
     epoch: int = 0               # current epoch, 0-based
-    batch_in_epoch: int = 0      # micro-batches this rank consumed in the current epoch
+    sample_in_epoch: int = 0     # the epoch's global position: samples all ranks consumed (data.ShardedSampler)
     step: int = 0                # optimizer steps done
     history: list = field(default_factory=list)  # one metrics dict per finished epoch
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
     sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this rank's running [loss sum, correct, count]
-
-    def samples_in_epoch(self, batch_size: int, world_size: int) -> int:
-        return self.batch_in_epoch * batch_size * world_size
 
     def shared(self) -> dict:
         """The rank-independent part, as stored under "progress" in state.pt."""
@@ -92,8 +90,15 @@ def load_bytes(data: bytes, source: str) -> dict:
                               "pickled Python objects, which runner never loads") from None
 
 
-def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, source: str) -> TrainState:
-    """Load a captured state into freshly built objects; each rank takes its own RNG state and sums."""
+def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, source: str, seed: int,
+            legacy_batch: int) -> TrainState:
+    """Load a captured state into freshly built objects; map the per-rank parts onto this world size.
+
+    Same world size: each rank takes its own RNG state and running sums. Another world size: ranks that
+    existed take their RNG state, new ranks seed theirs from (seed, rank, step); rank 0 takes the sum of all
+    saved running sums and the others start at zero, so the epoch's reduced metrics stay exact.
+    `legacy_batch`: global samples per micro-batch of the run that wrote a format-1 state (position in batches).
+    """
     try:
         dist.unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -105,9 +110,17 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
         scheduler.load_state_dict(saved["scheduler"])
     if saved["scaler"] is not None and scaler.is_enabled():
         scaler.load_state_dict(saved["scaler"])
-    state = TrainState(**saved["progress"])
+    progress = dict(saved["progress"])
+    if "batch_in_epoch" in progress:  # format 1 counted this rank's micro-batches
+        progress["sample_in_epoch"] = progress.pop("batch_in_epoch") * legacy_batch
+    state = TrainState(**progress)
     ranks = saved["ranks"]
-    if env.rank < len(ranks):  # world size grew (allowed explicitly): new ranks keep their fresh seeds
+    if env.rank < len(ranks):
         set_rng_state(ranks[env.rank]["rng"])
+    else:
+        seed_all(hash((seed, env.rank, state.step)) & 0x7FFF_FFFF)
+    if len(ranks) == env.world_size:
         state.sums = list(ranks[env.rank]["sums"])
+    elif env.rank == 0:
+        state.sums = [sum(column) for column in zip(*(r["sums"] for r in ranks))]
     return state

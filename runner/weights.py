@@ -13,9 +13,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from runner.checkpoint import MANIFEST, CheckpointStore, open_checkpoint
+from runner.checkpoint import CheckpointStore, open_checkpoint
 from runner.errors import CheckpointError
 from runner.finetune import _under
+from runner.manifest import MANIFEST
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added to state_dict keys by DDP and torch.compile
 

@@ -248,3 +248,43 @@ def ok(proc) -> str:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-4000:]}"
     return out
+
+
+# A user dataset by import path, next to the job file: runner's synthetic data (no scikit-learn import, so
+# each launch starts faster than with digits) with runner's random augmentation when `augment: true`, whose
+# training set appends every index it loads to RECORD_DIR/rank{RANK}-pid{PID}.txt (workers included).
+RECORDER = '''
+import os
+
+from torch.utils.data import Dataset
+
+from runner.data import Augmented, synthetic
+
+
+class Recorder(Dataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        folder = os.environ.get("RECORD_DIR")
+        if folder:
+            name = f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.txt"
+            with open(os.path.join(folder, name), "a") as f:
+                f.write(f"{index}\\n")
+        return self.base[index]
+
+
+def build(augment=False, **args):
+    data = synthetic(**args)
+    data.train = Recorder(Augmented(data.train) if augment else data.train)
+    return data
+'''
+
+
+def job_folder(folder: Path) -> Path:
+    """`folder` with recording_data.py in it, so job files there can name `recording_data:build`."""
+    (folder / "recording_data.py").write_text(RECORDER)
+    return folder

@@ -23,9 +23,10 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
 from s3fs.errors import translate_boto_error
 
 from runner import checkpoint
-from runner.checkpoint import (MANIFEST, SLOW_COMMIT_ENV, CheckpointInfo, CheckpointStore, open_checkpoint,
-                               retry_transient, storage_fault)
+from runner.checkpoint import SLOW_COMMIT_ENV, CheckpointInfo, CheckpointStore, open_checkpoint, retry_transient
 from runner.errors import CheckpointError, CorruptCheckpoint, StorageError, StorageUnavailable
+from runner.manifest import MANIFEST
+from runner.storage_faults import storage_fault
 from runner.store_cli import describe_listing, run_verify
 
 

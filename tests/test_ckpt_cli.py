@@ -108,8 +108,11 @@ def test_verify_exit_codes(copy, tmp_path, capsys):
 def test_inspect_prints_manifest_and_tensor_shapes(store, capsys):
     code, out, _ = main(capsys, "ckpt", "inspect", step(store, 3))
     assert code == 0
-    manifest_text, _, tensors = out.partition("\n\n[model]\n")
+    head, _, tensors = out.partition("\n\n[model]\n")
+    position, _, manifest_text = head.partition("\n")
     manifest = json.loads(manifest_text)
+    assert position == (f"position: step 3, epoch {manifest['epoch'] + 1}, global sample "
+                        f"{manifest['sample_in_epoch']} of the epoch, written by 1 process(es)")
     assert manifest == json.loads((step(store, 3) / "MANIFEST.json").read_text())
     assert manifest["step"] == 3 and manifest["world_size"] == 1 and manifest["finished"]
     assert {"state.pt"} == set(manifest["files"]) and manifest["config"]["model"]["args"]["width"] == 8

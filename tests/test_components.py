@@ -389,9 +389,30 @@ def test_train_shards_are_padded_to_equal_length(size, world):
 def test_start_position_skips_exactly_what_was_consumed():
     full = shards(23, 2, seed=5, epoch=3, pad=True)[1]
     sampler = ShardedSampler(23, 1, 2, 5, True, True)
-    for start in (0, 1, 7, len(full) - 1, len(full)):
-        sampler.set_epoch(3, start=start)
-        assert list(sampler) == full[start:] and len(sampler) == len(full) - start
+    for taken in (0, 1, 7, len(full) - 1, len(full)):  # samples each rank took; the position counts all ranks'
+        sampler.set_epoch(3, start=taken * 2)
+        assert list(sampler) == full[taken:] and len(sampler) == len(full) - taken
+
+
+@pytest.mark.parametrize("size, before, after, taken", [(23, 2, 1, 5), (23, 2, 3, 4), (40, 4, 3, 3), (9, 1, 4, 2)])
+def test_another_world_size_goes_on_through_the_same_order(size, before, after, taken):
+    """N ranks take `taken` samples each; M ranks resume at that global position: every sample of the epoch is
+    consumed exactly once (padding aside), in the order an uninterrupted run uses."""
+    order = ShardedSampler(size, 0, 1, 5, True, False)
+    order.set_epoch(3)
+    first = [shard[:taken] for shard in shards(size, before, seed=5, epoch=3, pad=True)]
+    position = taken * before
+    rest = []
+    for rank in range(after):
+        sampler = ShardedSampler(size, rank, after, 5, True, True)
+        sampler.set_epoch(3, start=position)
+        rest.append(list(sampler))
+    assert len({len(r) for r in rest}) == 1  # equal steps on every rank
+    consumed = sorted(i for part in first for i in part)
+    assert consumed == sorted(order.order()[:position])  # the first launch consumed a prefix of the order
+    dealt = [rest[r][k] for k in range(len(rest[0])) for r in range(after)]  # the global order of the rest
+    assert dealt[:size - position] == order.order()[position:]
+    assert sorted(consumed + dealt[:size - position]) == list(range(size))
 
 
 def test_order_is_a_pure_function_of_seed_epoch_and_world_size():

@@ -50,7 +50,6 @@ def test_settings_that_do_not_change_training_never_block(config):
     ("optim.args.betas=[0.8, 0.999]", "optim.args.betas", [0.9, 0.999], [0.8, 0.999]),
     ("scheduler.args.T_max=20", "scheduler.args.T_max", 10, 20),
     ("scheduler.interval=step", "scheduler.interval", "epoch", "step"),
-    ("train.accumulate=2", "train.accumulate", 1, 2),
     ("train.loss=mse", "train.loss", "cross_entropy", "mse"),
     ("train.precision=bf16", "train.precision", "32", "bf16"),
     ("train.seed=1", "train.seed", 0, 1),
@@ -109,6 +108,7 @@ def test_categories():
     assert category("optim.lr") is Category.TRAJECTORY
     assert category("model.args.width") is Category.TRAJECTORY
     assert category("train.max_epochs") is Category.EXTEND
+    assert category("train.accumulate") is category("data.global_batch_size") is Category.GLOBAL_BATCH
     assert category("train.device") is Category.FREE and category("model.weights") is Category.FREE
     assert category("metrics.every_steps") is Category.FREE  # a section added later
     assert category("newsection.knob") is Category.TRAJECTORY  # unknown: refused rather than ignored

@@ -164,7 +164,7 @@ def test_trajectory_changes_are_refused_listing_each_key(interrupted, tmp_path, 
                            "train.precision=bf16", "scheduler.args.step_size=5", "optim.args.weight_decay=0.1",
                            capsys=capsys)
     line = one_line_error(err, code)
-    for text in ("optim.lr 0.01 → 0.5", "train.accumulate 1 → 2", "train.loss", "train.precision",
+    for text in ("optim.lr 0.01 → 0.5", "data.global_batch_size 32 → 64", "train.loss", "train.precision",
                  "scheduler.args.step_size 3 → 5", "optim.args.weight_decay", "resume.allow_changes"):
         assert text in line, line
     assert files_of(store) == before and "epoch 1" not in out

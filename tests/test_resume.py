@@ -17,44 +17,11 @@ import fsspec
 import pytest
 import torch
 
-from helpers import (assert_tensors_equal, merge, newest_state, ok, run_cli,  # noqa: F401
+from helpers import (assert_tensors_equal, job_folder, merge, newest_state, ok, run_cli,  # noqa: F401
                      run_torchrun, write_job)
 from runner import cli
 from runner.checkpoint import MANIFEST, CheckpointStore
 from runner.data import ShardedSampler
-
-# A user dataset by import path, next to the job file: runner's synthetic data (no scikit-learn import, so
-# each launch starts faster than with digits) with runner's random augmentation when `augment: true`, whose
-# training set appends every index it loads to RECORD_DIR/rank{RANK}-pid{PID}.txt (workers included).
-RECORDER = '''
-import os
-
-from torch.utils.data import Dataset
-
-from runner.data import Augmented, synthetic
-
-
-class Recorder(Dataset):
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        folder = os.environ.get("RECORD_DIR")
-        if folder:
-            name = f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.txt"
-            with open(os.path.join(folder, name), "a") as f:
-                f.write(f"{index}\\n")
-        return self.base[index]
-
-
-def build(augment=False, **args):
-    data = synthetic(**args)
-    data.train = Recorder(Augmented(data.train) if augment else data.train)
-    return data
-'''
 
 SIZE = 512  # training samples: 16 steps per epoch on 1 rank, 8 on 2 (batch 32 per rank)
 DATA = {"name": "recording_data:build", "args": {"augment": True, "size": SIZE, "val_size": 128}}
@@ -77,7 +44,7 @@ DDP = {
 DDP_STEPS = [3, 6, 8, 9, 12, 15, 16]
 DDP_FAIL, DDP_RESUME = "13:1", 12  # rank 1 fails at epoch 2, batch 5; resumes at batch 4 of epoch 2
 
-RESUMED = re.compile(r"resuming from (\S+): step (\d+), epoch (\d+), batch (\d+) of the epoch")
+RESUMED = re.compile(r"resuming from (\S+): step (\d+), epoch (\d+), sample (\d+) of the epoch")
 ONE_THREAD = {"OMP_NUM_THREADS": 1}  # 2 shared cores: more intra-op threads only oversubscribe them
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -85,11 +52,6 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "A
 def new_dir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
-
-
-def job_folder(folder: Path) -> Path:
-    (folder / "recording_data.py").write_text(RECORDER)
-    return folder
 
 
 def step_dirs(url: str, options: dict | None = None) -> list[str]:
@@ -144,12 +106,14 @@ def ddp_a(tmp_path_factory):
     return train_a(tmp_path_factory.mktemp("ddp"), "a", DDP, nproc=2)
 
 
-def resumed_at(out: str) -> tuple[str, int, int, int]:
-    """(url, step, epoch, batch in epoch) from the relaunch's "resuming from" line."""
+def resumed_at(out: str, world_size: int = 1) -> tuple[str, int, int, int]:
+    """(url, step, epoch, batch in epoch) from the relaunch's "resuming from" line (which gives the epoch's
+    global sample position: batch × 32 × world size)."""
     found = RESUMED.findall(out)
     assert len(found) == 1, out[-3000:]
-    url, step, epoch, batch = found[0]
-    return url, int(step), int(epoch), int(batch)
+    url, step, epoch, sample = found[0]
+    assert int(sample) % (32 * world_size) == 0, out[-3000:]
+    return url, int(step), int(epoch), int(sample) // (32 * world_size)
 
 
 def assert_same_run(a: SimpleNamespace, b_state: dict, b_manifest: dict, b_metrics: str) -> None:
@@ -229,7 +193,7 @@ def test_two_rank_torchrun_mid_epoch_resume_is_bit_exact(ddp_a, tmp_path):
     assert first.returncode != 0 and "injected test fault at step 13 on rank 1" in first_out, first_out[-4000:]
     record = new_dir(tmp_path / "rec2")
     out = ok(run_torchrun("train", job, env={**env, "RECORD_DIR": record}))
-    _, step, epoch, batch = resumed_at(out)
+    _, step, epoch, batch = resumed_at(out, world_size=2)
     assert (step, epoch, batch) == (DDP_RESUME, 2, DDP_RESUME - 8), first_out[-4000:]
     assert_skipped_consumed(record, 2, batch)
     state, manifest = newest_state(tmp_path / "b" / "checkpoints")
@@ -332,7 +296,7 @@ def test_incompatible_config_is_refused_and_nothing_deleted(single_copy, capsys,
     code, out, err = in_process(["train", job, change], capsys)
     key, _, value = change.partition("=")
     assert_one_line_error(code, err, "step-000000032", "another config", f"{key} ", f"→ {value}",
-                          f"resume.allow_changes=[{key}]")
+                          "resume.allow_changes=[", f"{key}]" if key != "data.batch_size" else f"{key},")
     assert "epoch 1" not in out and snapshot(store) == before
 
 
@@ -343,7 +307,8 @@ def test_other_world_size_is_refused_unless_allowed(ddp_a, tmp_path, capsys, one
     job = write_job(job_folder(tmp_path), "c", **merge(DDP, {"checkpoint": {"dir": str(store)}}))
     before = snapshot(str(store))
     code, out, err = in_process(["train", job], capsys)  # 1 process, checkpoint written by 2
-    assert_one_line_error(code, err, "world size 2", "this run has 1", "resume.allow_world_size_change=true")
+    assert_one_line_error(code, err, "global batch", "64 → 32", "written by 2 process(es), this run has 1",
+                          "resume.allow_world_size_change=true")
     assert snapshot(str(store)) == before
     code, out, err = in_process(["train", job, "resume.allow_world_size_change=true"], capsys)
     assert code == 0 and "training already finished at step 16" in out, out + err  # accepted (and finished)

@@ -177,7 +177,7 @@ def test_max_steps_stops_mid_epoch_and_saves_that_step(tmp_path, capsys, max_ste
     cfg = run(tmp_path, "ms", train={"max_steps": max_steps, "max_epochs": 10})
     state, manifest = final(cfg)
     assert manifest["step"] == state["progress"]["step"] == max_steps
-    assert (manifest["epoch"], manifest["batch_in_epoch"]) == (epoch, batch_in_epoch)
+    assert (manifest["epoch"], manifest["sample_in_epoch"]) == (epoch, batch_in_epoch * 32)  # 1 process, batch 32
     assert state["progress"]["finished"]
     assert [m["epoch"] for m in history(cfg)][:epoch] == list(range(epoch))  # finished epochs are logged
     assert f"done: {max_steps} steps" in capsys.readouterr().out

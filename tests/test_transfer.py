@@ -32,7 +32,7 @@ def states(ckpt_dir) -> dict[int, tuple[dict, dict]]:
 
 def at_epoch(ckpts: dict, epoch: int) -> dict:
     """The state saved at the end of `epoch` epochs."""
-    [state] = [s for s, m in ckpts.values() if m["epoch"] == epoch and m["batch_in_epoch"] == 0]
+    [state] = [s for s, m in ckpts.values() if m["epoch"] == epoch and m["sample_in_epoch"] == 0]
     return state
 
 
