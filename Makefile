@@ -35,7 +35,6 @@ $(VENV)/.bench: $(VENV)/.dev
 
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/checkpoint_bench.py
-	$(BIN)/python benchmarks/overhead_bench.py
 	$(BIN)/python benchmarks/compare.py
 
 clean:

@@ -45,9 +45,10 @@ SEED = 0
 # What runner does beyond the raw loop with checkpoints off (runner/loop.py as measured): per step, then once.
 RUNNER_EXTRAS = [
     "SeededDataset per sample (passes plain tensors through: they declare no randomness)",
-    "autocast and GradScaler calls (both disabled in fp32)",
-    "3 host reads per micro-batch (.item() for the loss sum, the correct count and the progress loss)",
-    "stop/save agreement per step (dist.any_rank: a float64 tensor and .tolist(); no collective on 1 process)",
+    "GradScaler calls (disabled in fp32); no autocast context in fp32",
+    "running sums on the device per micro-batch (3 in-place adds, no host read); one read and all-reduce every"
+    " train.log_every_steps (20)",
+    "stop/save agreement per step (an async all-reduce on a CPU gloo group under torchrun; none on 1 process)",
     "last_step record (a 20-byte in-place write and flush per step)",
     "fault-injection and checkpoint-cadence checks; the checkpoint lease heartbeat thread",
     "once per run (in `total`, not `steps`): config and job build, store probe, lease claim with its settle wait,"
@@ -72,7 +73,10 @@ class Workload:
 WORKLOADS = {
     "mlp": Workload("tiny MLP 64-256-10", "mlp", (64,), size=8192, epochs=3, batch=64),
     "cnn": Workload("small CNN 3x32x32", "cnn", (3, 32, 32), size=1024, epochs=2, batch=32),
+    # for GPUs (benchmarks/gpu.sh); far too slow for the default CPU run
+    "resnet18": Workload("resnet18 3x224x224", "resnet18", (3, 224, 224), size=1024, epochs=1, batch=64),
 }
+DEFAULT_WORKLOADS = "mlp,cnn"
 
 FORWARDS: list[float] = []  # perf_counter() at each training forward of the model being timed
 
@@ -88,6 +92,10 @@ def build_model(workload: str, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(SEED)
     if w.model == "mlp":
         model: nn.Module = MLP(in_features=w.shape[0], num_classes=num_classes, hidden=(256,))
+    elif w.model == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18(num_classes=num_classes)
     else:
         model = SmallCNN(num_classes=num_classes, in_channels=w.shape[0])
     model.register_forward_pre_hook(record_forward)
@@ -242,7 +250,7 @@ def print_table(results: list[dict], seeding: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best counts (default 3)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
+    parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated: {', '.join(WORKLOADS)}")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -34,7 +34,7 @@ from .errors import CheckpointError, ConfigError, RunnerError, StorageError
 from .job import Job, load_init_weights
 from .lease import LEASE, Lease
 from .metrics import log, warn
-from .state import TrainState, capture, load_bytes, restore
+from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
 LEGACY_RUN = "legacy"  # the run id of format-1 checkpoints
@@ -85,7 +85,8 @@ class Checkpointer:
         self.write_ok = True
         self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
-        self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
+        self._verified: bytes | None = None
+        self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # rank 0: the chosen checkpoint's bytes, read (and checked) once
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -268,12 +269,13 @@ class Checkpointer:
             self.raise_diverged(state, "non-finite weights")
         self.last_save = time.monotonic()
         if self.env.is_main:
-            self.wait()  # one snapshot at a time
-        data = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env)
-        if data is None:
+            self.wait()  # one snapshot at a time: the staging buffers are free again
+        staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
+        if staged is None:
             return
-        # A daemon thread, so a write hung on a dead server cannot keep a preempted process alive.
-        self.writer = threading.Thread(target=self._write, args=(data, self._meta(state), emergency), daemon=True)
+        # Serializing, hashing and writing happen here. A daemon thread, so a write hung on a dead server cannot
+        # keep a preempted process alive.
+        self.writer = threading.Thread(target=self._write, args=(staged, self._meta(state), emergency), daemon=True)
         self.writer.start()
 
     def _meta(self, state: TrainState) -> dict:
@@ -299,15 +301,16 @@ class Checkpointer:
         self.writer = None
         return self.write_ok
 
-    def _write(self, data: bytes, meta: dict, emergency: bool) -> None:
+    def _write(self, staged: dict, meta: dict, emergency: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRIES
-        self.write_ok = False
+        self.write_ok, data = False, None
         for attempt in range(1, attempts + 1):
             try:
                 if self.lease is not None and not self.lease.still_ours():
                     self.broken = FENCED.format(url=self.url)
                     warn(f"CHECKPOINT FAILED: step {step} was not saved: {self.broken}")
                     return
+                data = data or serialize(staged)  # an unserializable value is a permanent fault
                 fail_commit(step)
                 url = self.store.commit(step, {"state.pt": data}, meta)
                 break
@@ -352,17 +355,13 @@ class Checkpointer:
 
     # --- stopping -----------------------------------------------------------------------------------------
 
-    def emergency_save(self, job: Job, state: TrainState) -> int:
-        """Stop agreed: commit the step reached within the grace period (agreed by all ranks), then exit 75.
-
-        Every rank returns rank 0's outcome (only rank 0 writes).
+    def emergency_save(self, job: Job, state: TrainState, end: float) -> int:
+        """Stop agreed: commit the step reached by `end` (time.monotonic(), the deadline all ranks agreed on),
+        then exit 75. Every rank returns rank 0's outcome (only rank 0 writes).
         """
         t0, grace = time.monotonic(), self.cfg.preemption.grace_s
-        # Monotonic clocks differ across nodes: agree on the seconds left, so no rank gives up while rank 0 writes.
-        left = dist.all_min([preemption.deadline(grace) - t0], self.env)[0]
-        end = preemption.set_deadline(t0 + left)
         log(f"{preemption.requested() or 'stop requested by another rank'}: saving step {state.step} "
-            f"before exiting ({max(left, 0):.1f}s left)", self.env)
+            f"before exiting ({max(end - t0, 0):.1f}s left)", self.env)
         self.wait(max(end - time.monotonic(), 0.0))  # a periodic write in flight finishes (or fails) first
         # Still writing when the time is up: starting another save would block on it past the grace period.
         busy, done = dist.broadcast((self.writer is not None, self.last_committed == state.step), self.env)

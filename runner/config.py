@@ -117,6 +117,8 @@ class TrainConfig:
     """Stop when a metric stops improving."""
     progress: Literal["auto", "bar", "plain"] = "auto"
     """auto: a progress bar on a terminal, one line per epoch otherwise."""
+    log_every_steps: int = 20
+    """Read the running loss every N optimizer steps (a host sync): progress bar and divergence check."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class CheckpointConfig:
     """Metric ranking the best checkpoints (e.g. val_loss)."""
     mode: Literal["min", "max"] = "min"
     """Whether smaller or larger `metric` is better."""
+    reuse_buffers: bool = True
+    """Keep host buffers for the state between saves: one more copy of the state in host memory, no allocation."""
     lease_ttl_s: float = 30.0
     """Rank 0 holds a lease on the directory, renewed every third of this; another run waits for it to lapse."""
 
@@ -255,7 +259,7 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     """Values that are well-typed but cannot work, caught before anything runs."""
     positive = {"data.batch_size": cfg.data.batch_size, "train.accumulate": cfg.train.accumulate,
                 "train.max_epochs": cfg.train.max_epochs, "dist.timeout_s": cfg.dist.timeout_s,
-                "checkpoint.lease_ttl_s": cfg.checkpoint.lease_ttl_s}
+                "checkpoint.lease_ttl_s": cfg.checkpoint.lease_ttl_s, "train.log_every_steps": cfg.train.log_every_steps}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {value}")

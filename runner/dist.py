@@ -103,14 +103,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def all_sum(values: list[float], env: DistEnv) -> list[float]:
+def all_sum(values, env: DistEnv) -> list[float]:
     """Sum floats over ranks (in float64 so sums of per-sample losses stay exact-ish)."""
     return all_reduce(values, tdist.ReduceOp.SUM, env)
-
-
-def all_min(values: list[float], env: DistEnv) -> list[float]:
-    """The smallest value over ranks, e.g. the seconds left before a deadline (clocks differ across nodes)."""
-    return all_reduce(values, tdist.ReduceOp.MIN, env)
 
 
 def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
@@ -118,10 +113,11 @@ def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
     return [v > 0 for v in all_reduce([float(f) for f in flags], tdist.ReduceOp.MAX, env)]
 
 
-def all_reduce(values: list[float], op, env: DistEnv) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def all_reduce(values, op, env: DistEnv) -> list[float]:
+    """`values`: floats, or a float64 tensor (left unchanged); the result is read to the host."""
+    t = values.clone() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
     if env.distributed:
-        t = t.to(env.device) if env.device.type == "cuda" else t
+        t = t.to(env.device) if env.device.type == "cuda" else t.cpu()
         tdist.all_reduce(t, op=op)
     return t.cpu().tolist()
 

@@ -39,6 +39,7 @@ CATEGORIES = {
     "train.max_epochs": Category.EXTEND,
     "train.max_steps": Category.EXTEND,
     "train.progress": Category.FREE,
+    "train.log_every_steps": Category.FREE,
     "train.device": Category.FREE,
     "dist": Category.FREE,
     "preemption": Category.FREE,

@@ -5,6 +5,8 @@ RUNNER_TEST_HANG_AT_STEP="STEP[:RANK]"   sleep forever after that step (a hung p
 RUNNER_TEST_SIGNAL_AT_STEP="STEP[:RANK]" send SIGTERM to this process after that step (a stop that lands
                                           exactly on a given step)
 RUNNER_TEST_FAIL_COMMIT_STEP=STEP        the checkpoint writer's commit of that step raises a transient OSError
+RUNNER_TEST_COUNT_SYNCS=PATH            count runner's own host reads of tensors and blocking collectives per
+                                          optimizer step; written to PATH.rank{RANK}.json at exit
 RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
                                           (so a restarted job does not fail again)
 RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in checkpoint.py: pause between data files and manifest
@@ -20,8 +22,12 @@ import signal
 import time
 from pathlib import Path
 
+_step = 0  # the optimizer step the loop last reported (inject_fault), for RUNNER_TEST_COUNT_SYNCS
+
 
 def inject_fault(step: int, env) -> None:
+    global _step
+    _step = step
     for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang"),
                         ("RUNNER_TEST_SIGNAL_AT_STEP", "signal")):
         spec = os.environ.get(var)
@@ -64,3 +70,41 @@ def dump_weights(model, env) -> None:
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), Path(folder) / f"rank{env.rank}.pt")
+
+
+def count_host_syncs(rank: int) -> None:
+    """RUNNER_TEST_COUNT_SYNCS=PATH: count, per optimizer step, the host reads of tensors (item, tolist, bool,
+    float, int) and the blocking collectives that runner's own code makes (torch's own calls are not counted);
+    written to PATH.rank{RANK}.json at exit as {step: {"file:function what": count}}."""
+    path = os.environ.get("RUNNER_TEST_COUNT_SYNCS")
+    if not path:
+        return
+    import atexit
+    import json
+    import sys
+    from collections import Counter, defaultdict
+
+    import torch
+    import torch.distributed as tdist
+
+    here = str(Path(__file__).resolve().parent)
+    counts: dict[int, Counter] = defaultdict(Counter)
+
+    def counted(owner, name: str, blocking=lambda *a, **k: True):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(here) and blocking(*args, **kwargs):
+                counts[_step][f"{Path(caller.co_filename).name}:{caller.co_name} {name}"] += 1
+            return real(*args, **kwargs)
+        setattr(owner, name, wrapper)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        counted(torch.Tensor, name)
+    for name in ("all_reduce", "broadcast", "all_gather", "barrier"):
+        counted(tdist, name, lambda *a, async_op=False, **k: not async_op)
+    for name in ("all_gather_object", "broadcast_object_list"):
+        counted(tdist, name)
+    atexit.register(lambda: Path(f"{path}.rank{rank}.json").write_text(
+        json.dumps({step: dict(c) for step, c in sorted(counts.items())})))

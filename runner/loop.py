@@ -19,7 +19,7 @@ from .config import RunConfig, dump_yaml
 from .data import SeededDataset, ShardedSampler, make_loader
 from .dist import DistEnv
 from .errors import ConfigError
-from .faults import dump_weights, inject_fault
+from .faults import count_host_syncs, dump_weights, inject_fault
 from .job import Job, build_job
 from .metrics import ProgressBar, StepRecord, format_epoch, log, write_history
 from .state import TrainState
@@ -31,6 +31,7 @@ def train(cfg: RunConfig) -> int:
     """Entry point: set up, run, and always release the process group and the store's lease. Returns the
     exit status."""
     env = dist.setup(cfg.dist, cfg.train.device)
+    count_host_syncs(env.rank)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
     ckpt = steps = None
     try:
@@ -59,13 +60,15 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
                              pad=True)
     seeded = SeededDataset(job.data.train, cfg.train.seed)
     loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers)
+    agreement = preemption.StopAgreement(env)
+    state.sums = state.sums.to(env.device)
     while True:
         enter_phase(job, finetune.phase_at(job.phases, state.epoch))
         seeded.epoch = state.epoch
         sampler.set_epoch(state.epoch, start=state.sample_in_epoch)
-        outcome = train_epoch(job, ckpt, steps, loader, state)
+        outcome = train_epoch(job, ckpt, steps, agreement, loader, state)
         if outcome == PREEMPTED:
-            return ckpt.emergency_save(job, state)
+            return ckpt.emergency_save(job, state, agreement.deadline(cfg.preemption.grace_s))
         stop_early = end_epoch(job, state, complete=outcome == EPOCH_END)
         state.finished = (outcome == MAX_STEPS or stop_early or state.epoch >= cfg.train.max_epochs
                           or reached_max_steps(cfg, state))
@@ -79,25 +82,27 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
     return status
 
 
-def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, loader, state: TrainState) -> str:
-    """Train until the epoch ends, max_steps is reached, or a stop is requested (agreed by all ranks)."""
+def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, agreement: preemption.StopAgreement, loader,
+                state: TrainState) -> str:
+    """Train until the epoch ends, max_steps is reached, or a stop is agreed by all ranks.
+
+    No host sync per step: the running sums stay on the device and are read every train.log_every_steps, and
+    the agreement on stopping and saving of one step travels while the next step computes.
+    """
     cfg, env = job.cfg, job.env
     batches = len(loader)  # this rank's micro-batches left in the epoch
     if reached_max_steps(cfg, state) and batches:  # stopped on the max_steps step, before end_epoch ran
         return MAX_STEPS
-    per_batch = cfg.data.batch_size * env.world_size
-    done = state.sample_in_epoch // per_batch
+    done = state.sample_in_epoch // (cfg.data.batch_size * env.world_size)
     bar = ProgressBar(show_bar(cfg, env), done + batches, state.epoch, cfg.train.max_epochs, done)
-    nonfinite = False
     for index, (x, y) in enumerate(loader):
         # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
         group_start = index - index % job.accumulate
         group_size = min(job.accumulate, batches - group_start)
         boundary = index + 1 - group_start == group_size
         state.sample_in_epoch += len(y) * env.world_size  # every rank's batch has this size (padding)
-        loss = forward_backward(job, x, y, state.sums, group_size, sync=boundary)
-        nonfinite |= not math.isfinite(loss)
-        bar.update(loss)
+        forward_backward(job, x, y, state.sums, group_size, sync=boundary)
+        bar.advance()
         if not boundary:
             continue
         optimizer_step(job)
@@ -106,26 +111,36 @@ def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, loader, state: 
             job.scheduler.step()
         steps.write(state.step)
         inject_fault(state.step, env)
-        time_due, broken = ckpt.poll()
-        stop, save_now, nonfinite, broken = dist.any_rank(
-            [preemption.requested() is not None, time_due, nonfinite, broken], env)
-        if nonfinite:
-            ckpt.raise_diverged(state, "non-finite loss")
-        if broken:
+        if state.step % cfg.train.log_every_steps == 0:
+            bar.show(running_loss(job, ckpt, state))
+        last = index + 1 == batches
+        decision = agreement.after_step(preemption.requested() is not None, *ckpt.poll(),
+                                        settle=last or reached_max_steps(cfg, state))
+        if decision.broken:
             ckpt.raise_broken()
-        if stop:
+        if decision.stop:
+            agreement.settle()
             bar.close()
             return PREEMPTED
-        if reached_max_steps(cfg, state) and index + 1 < batches:
+        if reached_max_steps(cfg, state) and not last:
             bar.close()
             return MAX_STEPS
-        if index + 1 < batches:  # at the epoch's end, the save after end_epoch covers it
-            ckpt.maybe_save(job, state, due_now=save_now)
+        if not last:  # at the epoch's end, the save after end_epoch covers it
+            ckpt.maybe_save(job, state, due_now=decision.save_now)
     bar.close()
     return EPOCH_END
 
 
-def forward_backward(job: Job, x, y, sums: list[float], group_size: int, sync: bool) -> float:
+def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
+    """The epoch's mean training loss so far over all ranks (a host read and a collective: log steps only);
+    a non-finite one stops the run before anything non-finite can be saved."""
+    loss_sum, _, count = dist.all_sum(state.sums, job.env)
+    if not math.isfinite(loss_sum):
+        ckpt.raise_diverged(state, "non-finite loss")
+    return loss_sum / max(count, 1)
+
+
+def forward_backward(job: Job, x, y, sums: torch.Tensor, group_size: int, sync: bool) -> None:
     x, y = x.to(job.env.device, non_blocking=True), y.to(job.env.device, non_blocking=True)
     model = job.wrapped
     no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
@@ -134,15 +149,15 @@ def forward_backward(job: Job, x, y, sums: list[float], group_size: int, sync: b
             out = model(x)
             loss = job.loss_fn(out, y)
         job.scaler.scale(loss / group_size).backward()
-    add_batch(sums, out, y, loss.detach().float().item() * len(y))
-    return loss.item()
+    add_batch(sums, out, y, loss.detach().double() * len(y))
 
 
-def add_batch(sums: list[float], out, y, loss_sum: float) -> None:
-    """Running [loss sum, correct, count]; accuracy only for class-index targets."""
+def add_batch(sums: torch.Tensor, out, y, loss_sum: torch.Tensor) -> None:
+    """Running [loss sum, correct, count] on the device, without reading anything back; accuracy only for
+    class-index targets."""
     sums[0] += loss_sum
     if not y.is_floating_point() and out.dim() == 2:
-        sums[1] += (out.argmax(1) == y).sum().item()
+        sums[1] += (out.argmax(1) == y).sum()
     sums[2] += len(y)
 
 
@@ -157,9 +172,10 @@ def optimizer_step(job: Job) -> None:
 
 
 def autocast(job: Job):
-    precision = job.cfg.train.precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(job.env.device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.cfg.train.precision)
+    if dtype is None:  # building a disabled torch.autocast each step costs more than the step of a tiny model
+        return contextlib.nullcontext()
+    return torch.autocast(job.env.device.type, dtype=dtype)
 
 
 def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
@@ -202,7 +218,7 @@ def evaluate(job: Job) -> dict:
     per_sample = copy.copy(job.loss_fn)
     if hasattr(per_sample, "reduction"):
         per_sample.reduction = "none"  # sum per-sample losses in float64: independent of batching
-    sums = [0.0, 0.0, 0.0]
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(job):
@@ -210,8 +226,7 @@ def evaluate(job: Job) -> dict:
             x, y = x.to(env.device), y.to(env.device)
             out = model(x)
             loss = per_sample(out, y)
-            loss_sum = loss.double().sum().item() if loss.dim() else loss.item() * len(y)
-            add_batch(sums, out, y, loss_sum)
+            add_batch(sums, out, y, loss.double().sum() if loss.dim() else loss.double() * len(y))
     model.train(was_training)
     loss_sum, correct, count = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}

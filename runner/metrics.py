@@ -20,23 +20,31 @@ def warn(message: str, env=None) -> None:
 
 
 class ProgressBar:
-    """A single updating line with rate and ETA, only when stdout is a terminal."""
+    """A single updating line with rate and ETA, only when stdout is a terminal. The loss shown is the running
+    mean the loop last read (train.log_every_steps): the bar itself never reads a tensor."""
 
     def __init__(self, enabled: bool, total: int, epoch: int, max_epochs: int, start: int = 0):
         self.enabled, self.total, self.done = enabled, total, start
         self.label = f"epoch {epoch + 1}/{max_epochs}"
-        self.t0, self.start = time.monotonic(), start
+        self.t0, self.start, self.loss = time.monotonic(), start, None
 
-    def update(self, loss: float) -> None:
+    def advance(self) -> None:
         self.done += 1
+        self._draw()
+
+    def show(self, loss: float) -> None:
+        self.loss = loss
+        self._draw()
+
+    def _draw(self) -> None:
         if not self.enabled:
             return
         rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         filled = int(24 * self.done / max(self.total, 1))
         bar = "=" * filled + ">" + " " * (24 - filled)
-        sys.stdout.write(f"\r{self.label} [{bar[:25]}] {self.done}/{self.total} "
-                         f"{rate:.1f} it/s ETA {eta:4.0f}s loss {loss:.4f}  ")
+        loss = "" if self.loss is None else f" loss {self.loss:.4f}"
+        sys.stdout.write(f"\r{self.label} [{bar[:25]}] {self.done}/{self.total} {rate:.1f} it/s ETA {eta:4.0f}s{loss}  ")
         sys.stdout.flush()
 
     def close(self) -> None:

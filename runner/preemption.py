@@ -1,4 +1,4 @@
-"""Stop signals → a stop request that the loop agrees on across ranks at the next step boundary.
+"""Stop signals → a stop request that all ranks agree on (StopAgreement), one step later, at a step boundary.
 
 The handler only records the signal (the one piece of module-level mutable state in runner); the loop
 then saves a checkpoint of the step it reached and exits with PREEMPTED_EXIT.
@@ -17,6 +17,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
 
 from .errors import ConfigError
 
@@ -120,3 +123,61 @@ def _watchdog(pipe_r: int, stop_signals: set[int], grace_s: float) -> None:
           f"{EMERGENCY_SAVE_FAILED_EXIT}. The next start resumes from the newest committed checkpoint.",
           file=sys.stderr, flush=True)
     os._exit(EMERGENCY_SAVE_FAILED_EXIT)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool = False      # a stop signal on some rank: commit the step reached and exit
+    save_now: bool = False  # the wall-time cadence is due on some rank
+    broken: bool = False    # saving cannot work any more on rank 0 (fenced out, a permanent storage fault)
+
+
+class StopAgreement:
+    """How ranks agree on control flow — stop (a signal on any rank), save now (wall-time cadence), saving
+    broken — without a blocking collective per step.
+
+    The flags of step k travel in an all-reduce (MAX) on a CPU gloo group while step k+1 computes; every rank
+    acts on them after step k+1, so all ranks still stop at the same step (one step after the signal was
+    seen). At an epoch's last step, and on max_steps, `after_step(settle=True)` waits for the flags in flight
+    too, so nothing crosses an epoch boundary. A single process decides at once.
+    """
+
+    def __init__(self, env):
+        self.env = env
+        self.group = tdist.new_group(backend="gloo") if env.distributed else None
+        self.pending = None  # (work, flags tensor) of the last step
+
+    def after_step(self, stop: bool, save_now: bool, broken: bool, settle: bool = False) -> Decision:
+        if self.group is None:
+            return Decision(stop, save_now, broken)
+        agreed = self._finish()
+        flags = torch.tensor([stop, save_now, broken], dtype=torch.int32)
+        self.pending = (tdist.all_reduce(flags, tdist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        return _either(agreed, self._finish()) if settle else agreed
+
+    def settle(self) -> None:
+        """Wait for the flags in flight (before a stop, so nothing is left pending)."""
+        self._finish()
+
+    def _finish(self) -> Decision:
+        if self.pending is None:
+            return Decision()
+        work, flags = self.pending
+        self.pending = None
+        work.wait()
+        return Decision(*(bool(v) for v in flags.tolist()))
+
+    def deadline(self, grace_s: float) -> float:
+        """The emergency deadline, agreed: the smallest seconds left on any rank (monotonic clocks cannot be
+        compared across nodes), so no rank gives up while rank 0 is still committing; the watchdog follows it."""
+        now = time.monotonic()
+        left = deadline(grace_s) - now
+        if self.group is not None:
+            t = torch.tensor([left], dtype=torch.float64)
+            tdist.all_reduce(t, tdist.ReduceOp.MIN, group=self.group)
+            left = t.item()
+        return set_deadline(now + left)
+
+
+def _either(a: Decision, b: Decision) -> Decision:
+    return Decision(a.stop or b.stop, a.save_now or b.save_now, a.broken or b.broken)

@@ -24,14 +24,16 @@ class TrainState:
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
-    sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this rank's running [loss sum, correct, count]
+    # this rank's running [loss sum, correct, count] of the epoch, on the training device: read only at log and
+    # epoch boundaries and saves, never per step
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
 
     def shared(self) -> dict:
         """The rank-independent part, as stored under "progress" in state.pt."""
         return {k: v for k, v in asdict(self).items() if k != "sums"}
 
     def reset_sums(self) -> None:
-        self.sums = [0.0, 0.0, 0.0]
+        self.sums.zero_()
 
 
 def rng_state() -> dict:
@@ -58,25 +60,59 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv) -> bytes | None:
-    """Serialize the training state; every rank must call (per-rank parts are gathered); rank 0 gets the bytes.
+class Staging:
+    """Host copies of the state's tensors: the only part of a save the training thread waits for.
+
+    The writer thread serializes the staged copy; the next save waits for that write first, so a buffer is never
+    overwritten while it is written. With `reuse` the buffers live for the whole run (pinned memory for CUDA
+    tensors): one more copy of the state in host memory, no allocation per save. Without it each save
+    allocates its copy and frees it after the write.
+    """
+
+    def __init__(self, reuse: bool = True):
+        self.reuse, self.buffers = reuse, {}
+
+    def copy(self, obj, key: str = ""):
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj, key)
+        if isinstance(obj, dict):
+            return {k: self.copy(v, f"{key}.{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.copy(v, f"{key}.{i}") for i, v in enumerate(obj))
+        return obj  # ints, floats, strings, None: immutable
+
+    def _tensor(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            if self.reuse:
+                self.buffers[key] = buf
+        return buf.copy_(t.detach(), non_blocking=t.is_cuda)
+
+
+def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv, staging: Staging) -> dict | None:
+    """Copy the training state to host memory; every rank must call (per-rank parts are gathered); rank 0 gets
+    the copy, which `serialize` turns into bytes off the training thread.
 
     Per rank: RNG states and the running metric sums of the epoch, so a resumed rank continues exactly.
-    The bytes are the snapshot: training may go on while they are written.
     """
-    ranks = dist.gather({"rng": rng_state(), "sums": list(state.sums)}, env)
+    ranks = dist.gather({"rng": rng_state(), "sums": state.sums.tolist()}, env)
     if not env.is_main:
         return None
-    saved = {
+    staged = staging.copy({
         "model": dist.unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "ranks": ranks,
-        "progress": state.shared(),
-    }
+    })
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)  # the non-blocking copies into pinned memory are done
+    return {**staged, "ranks": ranks, "progress": state.shared()}
+
+
+def serialize(staged: dict) -> bytes:
     buf = io.BytesIO()
-    torch.save(saved, buf)
+    torch.save(staged, buf)
     return buf.getvalue()
 
 
@@ -120,7 +156,7 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
     else:
         seed_all(hash((seed, env.rank, state.step)) & 0x7FFF_FFFF)
     if len(ranks) == env.world_size:
-        state.sums = list(ranks[env.rank]["sums"])
+        state.sums = torch.tensor(ranks[env.rank]["sums"], dtype=torch.float64)
     elif env.rank == 0:
-        state.sums = [sum(column) for column in zip(*(r["sums"] for r in ranks))]
+        state.sums = torch.tensor([sum(column) for column in zip(*(r["sums"] for r in ranks))], dtype=torch.float64)
     return state

@@ -56,7 +56,8 @@ def test_two_ranks_then_one_then_three_consume_every_sample_once_in_order(tmp_pa
     records = [tmp_path / f"rec{i}" for i in range(3)]
     for r in records:
         r.mkdir()
-    first = run_torchrun("train", job, nproc=2, env={"RECORD_DIR": records[0], "RUNNER_TEST_SIGNAL_AT_STEP": "2:1"})
+    # rank 1 gets the signal after step 1; the ranks agree on it one step later
+    first = run_torchrun("train", job, nproc=2, env={"RECORD_DIR": records[0], "RUNNER_TEST_SIGNAL_AT_STEP": "1:1"})
     assert "preempted: step 2 committed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     second = run_cli("train", job, env={"RECORD_DIR": records[1], "OMP_NUM_THREADS": 1,
                                         "RUNNER_TEST_SIGNAL_AT_STEP": str(STEPS_PER_EPOCH + 2)})
@@ -104,7 +105,7 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("resume_on", [1, 4])
 def test_a_fixed_global_batch_gives_the_same_curves_on_another_world_size(straight, tmp_path, resume_on):
     job = write_job(tmp_path, "job", base=CURVES)
-    first = run_torchrun("train", job, nproc=2, env={"RUNNER_TEST_SIGNAL_AT_STEP": "11"})  # mid-epoch 2
+    first = run_torchrun("train", job, nproc=2, env={"RUNNER_TEST_SIGNAL_AT_STEP": "10"})  # stops at 11, mid-epoch 2
     assert "preempted: step 11 committed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     if resume_on == 1:
         out = ok(run_cli("train", job, env={"OMP_NUM_THREADS": 1}))
@@ -138,7 +139,7 @@ def test_unreachable_global_batch_and_too_many_processes_are_refused(tmp_path):
 
 def test_per_rank_batch_only_needs_an_allowance_and_says_the_global_batch_changes(tmp_path):
     job = write_job(tmp_path, "job", base=CURVES, data={"global_batch_size": None})
-    first = run_torchrun("train", job, nproc=2, env={"RUNNER_TEST_SIGNAL_AT_STEP": "5"})
+    first = run_torchrun("train", job, nproc=2, env={"RUNNER_TEST_SIGNAL_AT_STEP": "4"})  # agreed at step 5
     assert "preempted: step 5 committed" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
     refused = run_cli("train", job, env={"OMP_NUM_THREADS": 1})
     lines = refused.stderr.strip().splitlines()
