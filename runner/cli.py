@@ -1,5 +1,5 @@
-"""`runner train|summary|ckpt …` — parses arguments, turns RunnerErrors into one line and their exit status
-(2: fix the job; 1: storage still unavailable after retries; 4: training diverged)."""
+"""`runner train|summary|export|ckpt|report|plot …` — parses arguments, turns RunnerErrors into one line and
+their exit status (2: fix the job; 1: storage still unavailable after retries; 4: training diverged)."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,15 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000")
         c.set_defaults(func=func)
+    rep = sub.add_parser("report", help="where a run's time went, per launch: productive, recomputed, stalls, gaps")
+    rep.add_argument("run", metavar="RUN_DIR_OR_JOB", help="the run's out_dir, or its job YAML")
+    rep.add_argument("--json", action="store_true", help="print JSON (launches and totals) instead of a table")
+    rep.set_defaults(func=cmd_report)
+    curves = sub.add_parser("plot", help="loss, accuracy and LR against step, restarts and preemptions marked (PNG)")
+    curves.add_argument("run", metavar="RUN_DIR_OR_JOB", help="the run's out_dir, or its job YAML")
+    curves.add_argument("-o", "--output", help="image file (default: <out_dir>/curves.png); its suffix picks the "
+                        "format")
+    curves.set_defaults(func=cmd_plot)
     return p
 
 
@@ -152,6 +161,22 @@ def cmd_ckpt_inspect(args) -> int:
         for name, value in flatten(state.get(section)):
             shape = f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}" if isinstance(value, torch.Tensor) else repr(value)
             print(f"  {name}: {shape}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report_command
+
+    print(report_command(args.run, args.json))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot
+    from .report import run_dir
+
+    out_dir = run_dir(args.run)
+    print(f"wrote {plot(out_dir, Path(args.output) if args.output else out_dir / 'curves.png')}")
     return 0
 
 

@@ -1,0 +1,211 @@
+"""`runner report`: where the wall time of a run went, launch by launch, from <out_dir>/events.jsonl.
+
+A launch is one process start of rank 0 (a torchrun restart is a new launch). Only the current lineage
+counts: the run id of the newest launch that knows one. Per launch, by construction,
+    wall = restore + productive + recompute + stall + eval + other
+and the run's elapsed time is the sum of walls and gaps. The categories are defined in the README,
+"What a run did".
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .events import EVENTS, read_events
+
+SUMMED = ("gap_s", "wall_s", "restore_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s")
+
+
+@dataclass
+class LaunchReport:
+    launch: str
+    started: float                 # wall clock of its start record
+    host: str | None
+    world_size: int | None
+    restart: int | None            # TORCHELASTIC_RESTART_COUNT of the launch
+    status: int | None             # its exit status; None: killed (no exit record)
+    stop_reason: str | None        # the stop it was asked for (signal or notice), if any
+    resumed_from: int | None       # the step it resumed from; None: a fresh start (or killed before deciding)
+    lost_steps: int                # steps trained since that checkpoint by the launches before, done again
+    final_step: int | None
+    gap_s: float
+    wall_s: float
+    restore_s: float
+    productive_s: float
+    recompute_s: float
+    stall_s: float
+    eval_s: float
+    other_s: float
+    effective_ratio: float         # productive ÷ (gap + wall)
+
+    @property
+    def outcome(self) -> str:
+        stopped = f"stopped ({self.stop_reason}), " if self.stop_reason else ""
+        return f"{stopped}exit {self.status}" if self.status is not None else f"{stopped}killed"
+
+
+@dataclass
+class Report:
+    run_id: str | None
+    launches: list[LaunchReport]
+
+    def totals(self) -> dict:
+        sums = {key: round(sum(getattr(launch, key) for launch in self.launches), 3) for key in SUMMED}
+        elapsed = sums["gap_s"] + sums["wall_s"]
+        return {"launches": len(self.launches), **sums, "elapsed_s": round(elapsed, 3),
+                "effective_ratio": ratio(sums["productive_s"], elapsed),
+                "lost_steps": sum(launch.lost_steps for launch in self.launches),
+                "final_step": self.launches[-1].final_step if self.launches else None}
+
+    def to_json(self) -> dict:
+        return {"run_id": self.run_id, "launches": [asdict(launch) for launch in self.launches],
+                "totals": self.totals()}
+
+
+def run_dir(run_dir_or_job: str) -> Path:
+    """An out_dir as given, or the out_dir of a job YAML."""
+    path = Path(run_dir_or_job)
+    if path.is_file():
+        from .config import load_config
+
+        return Path(load_config(path).out_dir)
+    return path
+
+
+def load_events(out_dir: Path) -> list[dict]:
+    path = out_dir / EVENTS
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; give a run's out_dir or its job YAML")
+    records = read_events(path)
+    if not records:
+        raise ConfigError(f"{path}: no complete event records in it")
+    return records
+
+
+def lineage_launches(records: list[dict]) -> tuple[str | None, list[list[dict]]]:
+    """The current run id and its launches (each a list of records), in start order. A launch that never
+    learnt its run id (killed while starting) belongs to the run if it started after the run's first launch."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(str(record["launch"]), []).append(record)
+    launches = sorted(groups.values(), key=start_time)
+    ids = [run_id_of(launch) for launch in launches]
+    known = [run_id for run_id in ids if run_id is not None]
+    if not known:
+        return None, launches
+    current = known[-1]
+    first = ids.index(current)
+    return current, [launch for i, launch in enumerate(launches)
+                     if ids[i] == current or (ids[i] is None and i > first)]
+
+
+def build_report(records: list[dict]) -> Report:
+    run_id, launches = lineage_launches(records)
+    reports, previous_end = [], None
+    for launch in launches:
+        report = launch_report(launch, previous_end)
+        previous_end = report.started + report.wall_s
+        reports.append(report)
+    return Report(run_id, reports)
+
+
+def launch_report(records: list[dict], previous_end: float | None) -> LaunchReport:
+    start = first_of(records, "start") or {}
+    exit_ = first_of(records, "exit")
+    first_step = first_of(records, "first_step")
+    resume = first_of(records, "resume")
+    stop = first_of(records, "stop_request")
+    started = start_time(records)
+    wall = (exit_["time"] if exit_ else max(r["time"] for r in records)) - started
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    final_step = max(steps) if steps else None
+    with_counters = [r for r in records if "productive_s" in r]
+    counters = max(with_counters, key=lambda r: r["time"]) if with_counters else {}
+    training = float(counters.get("productive_s", 0.0))  # from the first step's end: restore has the first step
+    stall, evaluation = float(counters.get("stall_s", 0.0)), float(counters.get("eval_s", 0.0))
+    resumed_from = resume["step"] if resume else None
+    lost = int(resume.get("lost", 0)) if resume else 0
+    recompute = 0.0
+    if first_step and final_step is not None and final_step > first_step["step"]:
+        timed = final_step - first_step["step"]  # the steps whose time `training` holds
+        redone = min(max(lost - (first_step["step"] - (resumed_from or 0)), 0), timed)
+        recompute = training * redone / timed
+    restore = first_step["time"] - started if first_step else wall
+    gap = max(started - previous_end, 0.0) if previous_end is not None else 0.0  # clamped: clocks of two hosts
+    productive = training - recompute
+    return LaunchReport(
+        launch=str(records[0]["launch"]), started=started, host=start.get("host"),
+        world_size=start.get("world_size"), restart=start.get("restart"),
+        status=exit_.get("status") if exit_ else None, stop_reason=stop.get("reason") if stop else None,
+        resumed_from=resumed_from, lost_steps=lost, final_step=final_step,
+        gap_s=round(gap, 3), wall_s=round(wall, 3), restore_s=round(restore, 3),
+        productive_s=round(productive, 3), recompute_s=round(recompute, 3), stall_s=round(stall, 3),
+        eval_s=round(evaluation, 3),
+        other_s=round(wall - restore - training - stall - evaluation, 3),
+        effective_ratio=ratio(productive, gap + wall))
+
+
+def first_of(records: list[dict], event: str) -> dict | None:
+    return next((r for r in records if r["event"] == event), None)
+
+
+def start_time(records: list[dict]) -> float:
+    start = first_of(records, "start")
+    return start["time"] if start else min(r["time"] for r in records)
+
+
+def run_id_of(records: list[dict]) -> str | None:
+    return next((r["run_id"] for r in records if r.get("run_id")), None)
+
+
+def ratio(part: float, whole: float) -> float:
+    return round(part / whole, 4) if whole > 0 else 0.0
+
+
+def duration(seconds: float) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    if seconds == 0:
+        return "0s"
+    if seconds < 10:
+        return f"{sign}{seconds:.2f}s"
+    if seconds < 60:
+        return f"{sign}{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{sign}{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{sign}{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+COLUMNS = ("#", "started (UTC)", "world", "steps", "lost", "outcome", "gap", "wall", "restore", "productive",
+           "recompute", "stall", "eval", "other", "ratio")
+
+
+def format_report(report: Report, out_dir: Path) -> str:
+    totals = report.totals()
+    rows = [COLUMNS]
+    for i, launch in enumerate(report.launches, 1):
+        steps = f"{launch.resumed_from or 0}→{'?' if launch.final_step is None else launch.final_step}"
+        rows.append((str(i), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(launch.started)),
+                     str(launch.world_size or "?"), steps, str(launch.lost_steps), launch.outcome,
+                     *(duration(getattr(launch, key)) for key in SUMMED), f"{launch.effective_ratio:.1%}"))
+    rows.append(("total", "", "", f"→{totals['final_step']}", str(totals["lost_steps"]), "",
+                 *(duration(totals[key]) for key in SUMMED), f"{totals['effective_ratio']:.1%}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    left = {0, 1, 3, 5}  # text columns; numbers align right
+    lines = ["  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in rows]
+    head = (f"run {report.run_id or '(unknown)'} in {out_dir}: {totals['launches']} launch(es), "
+            f"{totals['lost_steps']} step(s) lost to kills, final step {totals['final_step']}, "
+            f"{duration(totals['elapsed_s'])} elapsed")
+    foot = "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\""
+    return "\n".join([head, *lines, foot])
+
+
+def report_command(run_dir_or_job: str, as_json: bool) -> str:
+    out_dir = run_dir(run_dir_or_job)
+    report = build_report(load_events(out_dir))
+    if as_json:
+        return json.dumps({"out_dir": str(out_dir), **report.to_json()}, indent=2)
+    return format_report(report, out_dir)

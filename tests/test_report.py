@@ -1,0 +1,228 @@
+"""events.jsonl, `runner report` and `runner plot`: where a run's time went across its launches, and its curves."""
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from runner import events as events_module
+from runner.cli import main
+from runner.events import EventLog, Timers, read_events
+from runner.plot import marks
+from runner.report import build_report
+from helpers import write_job
+
+T0 = 1_700_000_000.0
+
+
+def record(event, t, launch, run_id="run-B", **fields):
+    return json.dumps({"event": event, "time": T0 + t, "launch": launch, "run_id": run_id, **fields}) + "\n"
+
+
+def counters(productive, stall, evaluation):
+    return {"productive_s": productive, "stall_s": stall, "eval_s": evaluation}
+
+
+# An older lineage (run-A), then run-B over three launches:
+#   L1 fresh, trains to step 100 by its last heartbeat, SIGKILLed while writing a line (torn); the next start
+#      finds 120 steps reached and step 80 committed: 40 steps lost.
+#   L2 resumes at 80 (lost 40), SIGTERM at step 150, emergency checkpoint, exit 75.
+#   L3 resumes at 150, trains to 300, exit 0.
+LINES = [
+    record("start", 0, "L0", None, world_size=1, restart=0),
+    record("fresh", 1, "L0", "run-A"),
+    record("exit", 50, "L0", "run-A", status=0, step=40, **counters(45, 0, 0)),
+    record("start", 1000, "L1", None, world_size=2, host="a", restart=0),
+    record("fresh", 1002, "L1", **counters(0, 0, 0)),
+    record("first_step", 1010, "L1", step=1, **counters(0, 0, 0)),
+    record("checkpoint", 1090, "L1", step=80, bytes=1234, blocked_s=5, write_s=2.5, committed=True, emergency=False,
+           **counters(75, 5, 0)),
+    record("heartbeat", 1130, "L1", step=100, **counters(100, 5, 5)),
+    '{"event": "heartbeat", "time": 17000011',  # torn by the kill; the next launch starts a new line
+    "\n",
+    record("start", 1200, "L2", None, world_size=2, host="b", restart=1),
+    record("resume", 1215, "L2", checkpoint="file:///ckpt/step-000000080", step=80, lost=40, **counters(0, 0, 0)),
+    record("first_step", 1220, "L2", step=81, **counters(0, 0, 0)),
+    record("stop_request", 1300, "L2", step=150, reason="SIGTERM", **counters(69, 0, 4)),
+    record("checkpoint", 1305, "L2", step=150, bytes=1234, blocked_s=3, write_s=1, committed=True, emergency=True,
+           **counters(69, 3, 4)),
+    record("exit", 1306, "L2", status=75, step=150, **counters(69, 3, 4)),
+    "not json at all\n",
+    record("start", 1400, "L3", None, world_size=1, host="c", restart=0),
+    record("resume", 1410, "L3", checkpoint="file:///ckpt/step-000000150", step=150, lost=0),
+    record("first_step", 1412, "L3", step=151, **counters(0, 0, 0)),
+    record("epoch", 1500, "L3", step=240, epoch=3, metrics={"val_loss": 0.5}, **counters(80, 5, 10)),
+    record("exit", 1600, "L3", status=0, step=300, **counters(149, 10, 20)),
+]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "events.jsonl").write_text("".join(LINES))
+    return out
+
+
+def test_report_charges_each_launch_of_the_current_lineage(run_dir):
+    report = build_report(read_events(run_dir / "events.jsonl"))
+    assert report.run_id == "run-B"  # run-A's launch is another lineage: left out, and no gap before L1
+    l1, l2, l3 = report.launches
+    assert [l.host for l in report.launches] == ["a", "b", "c"]
+    # L1: killed (no exit record): its wall ends at its last complete record (the torn line is ignored)
+    assert (l1.status, l1.gap_s, l1.wall_s, l1.restore_s, l1.final_step) == (None, 0, 130, 10, 100)
+    assert (l1.productive_s, l1.recompute_s, l1.stall_s, l1.eval_s, l1.other_s) == (100, 0, 5, 5, 10)
+    assert l1.outcome == "killed"
+    # L2: the 40 lost steps are redone; step 81 is in restore, so 39 of the 69 timed steps (1 s each) are recompute
+    assert (l2.gap_s, l2.wall_s, l2.restore_s, l2.resumed_from, l2.lost_steps) == (70, 106, 20, 80, 40)
+    assert (l2.productive_s, l2.recompute_s, l2.stall_s, l2.eval_s, l2.other_s) == (30, 39, 3, 4, 10)
+    assert (l2.status, l2.stop_reason, l2.outcome) == (75, "SIGTERM", "stopped (SIGTERM), exit 75")
+    assert l2.effective_ratio == round(30 / (70 + 106), 4)
+    # L3: nothing lost
+    assert (l3.gap_s, l3.wall_s, l3.restore_s, l3.productive_s, l3.recompute_s, l3.other_s) == (94, 200, 12, 149, 0, 9)
+    for launch in report.launches:  # the categories add up to the wall time
+        parts = (launch.restore_s + launch.productive_s + launch.recompute_s + launch.stall_s + launch.eval_s
+                 + launch.other_s)
+        assert math.isclose(parts, launch.wall_s)
+    totals = report.totals()
+    assert (totals["launches"], totals["lost_steps"], totals["final_step"]) == (3, 40, 300)
+    assert (totals["wall_s"], totals["gap_s"], totals["elapsed_s"]) == (436, 164, 600)
+    assert (totals["productive_s"], totals["recompute_s"], totals["stall_s"]) == (279, 39, 18)
+    assert totals["effective_ratio"] == round(279 / 600, 4)
+
+
+def test_report_table_and_json_from_the_out_dir_or_the_job_file(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"run run-B in {run_dir}: 3 launch(es), 40 step(s) lost to kills, final step 300")
+    rows = {line.split()[0]: line for line in table[2:]}
+    assert set(rows) >= {"1", "2", "3", "total"}
+    assert "killed" in rows["1"] and "stopped (SIGTERM), exit 75" in rows["2"] and "exit 0" in rows["3"]
+    assert rows["total"].split()[-1] == "46.5%"
+
+    job = write_job(tmp_path, "job", out_dir=str(run_dir))
+    assert main(["report", str(job), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"out_dir", "run_id", "launches", "totals"}
+    assert data["out_dir"] == str(run_dir) and data["run_id"] == "run-B"
+    assert [launch["status"] for launch in data["launches"]] == [None, 75, 0]
+    assert [launch["lost_steps"] for launch in data["launches"]] == [0, 40, 0]
+    assert [launch["recompute_s"] for launch in data["launches"]] == [0, 39, 0]
+    assert [launch["gap_s"] for launch in data["launches"]] == [0, 70, 94]
+    assert data["totals"]["final_step"] == 300 and data["totals"]["effective_ratio"] == 0.465
+
+
+def test_a_launch_killed_before_it_knew_its_run_belongs_to_the_run_it_started_in(run_dir):
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write(record("start", 1700, "L4", None, world_size=1, restart=0))
+    report = build_report(read_events(run_dir / "events.jsonl"))
+    assert report.run_id == "run-B" and len(report.launches) == 4
+    last = report.launches[-1]
+    assert (last.gap_s, last.wall_s, last.restore_s, last.productive_s, last.final_step) == (100, 0, 0, 0, None)
+
+
+def test_report_without_events_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"runner: error: {tmp_path}/events.jsonl: no such file; give a run's out_dir or its job YAML")
+
+
+def test_event_log_writes_whole_lines_from_rank_0_only_and_after_a_torn_tail(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(record("start", 0, "old", None) + '{"event": "heartbe')  # a launch killed mid-write
+    log = EventLog(path, enabled=True)
+    log.emit("start", world_size=2, pid=123)
+    log.run_id = "run-X"
+    log.emit("resume", checkpoint="file:///c/step-000000005", step=5, lost=2)
+    log.close()
+    EventLog(path, enabled=False).emit("start", world_size=2)  # another rank: writes nothing
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and lines[1] == '{"event": "heartbe'
+    records = read_events(path)
+    assert [r["event"] for r in records] == ["start", "start", "resume"]
+    start, resume = records[1:]
+    assert start["launch"] == resume["launch"] == log.launch and len(log.launch) == 32
+    assert (start["run_id"], resume["run_id"], resume["lost"]) == (None, "run-X", 2)
+    assert abs(start["time"] - time.time()) < 60 and start["pid"] == 123
+    assert set(counters(0, 0, 0)) <= set(resume)  # every record carries the launch's cumulative counters
+
+
+def test_first_step_then_heartbeats_at_most_every_heartbeat_s(tmp_path, monkeypatch):
+    monkeypatch.setattr(events_module, "HEARTBEAT_S", 0.2)
+    log = EventLog(tmp_path / "events.jsonl", enabled=True)
+    log.after_step(1)
+    for step in range(2, 50):
+        log.after_step(step)  # within HEARTBEAT_S of the first_step record: nothing
+    time.sleep(0.25)
+    log.after_step(50)
+    log.after_step(51)
+    records = read_events(tmp_path / "events.jsonl")
+    assert [(r["event"], r["step"]) for r in records] == [("first_step", 1), ("heartbeat", 50)]
+    assert records[0]["productive_s"] < 0.01 and records[1]["productive_s"] >= 0.25  # productive from the first step
+    assert log.step == 51
+
+
+def test_timers_parts_add_up_to_the_elapsed_time():
+    t0 = time.perf_counter()
+    timers = Timers()
+    timers.switch("productive")
+    time.sleep(0.05)
+    with timers.during("eval"):
+        time.sleep(0.05)
+        with timers.during("stall") as stall:
+            time.sleep(0.03)
+    time.sleep(0.02)
+    timers.switch("other")
+    elapsed = time.perf_counter() - t0
+    c = timers.counters()
+    assert c["stall_s"] == round(stall.seconds, 6) and 0.03 <= stall.seconds < 0.2
+    assert c["eval_s"] >= 0.05 and c["productive_s"] >= 0.07  # back to eval, then to productive, after each block
+    assert c["productive_s"] + c["eval_s"] + c["stall_s"] + timers.totals["other"] <= elapsed
+    assert c["productive_s"] + c["eval_s"] + c["stall_s"] + timers.totals["other"] >= elapsed - 0.01
+
+
+def write_metrics(out_dir):
+    history = [{"epoch": e, "step": 60 * (e + 1), "train_loss": 2.0 / (e + 1), "train_acc": 0.5 + 0.09 * e,
+                "val_loss": 2.2 / (e + 1), "val_acc": 0.45 + 0.1 * e, "lr": 0.01 * math.cos(e / 10)}
+               for e in range(5)]
+    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+
+
+def green_and_red_pixels(png):
+    """Pixels of the restart (tab:green) and preemption (tab:red) marks, antialiasing included; the curves use
+    blue and orange."""
+    import matplotlib.image
+
+    rgb = (matplotlib.image.imread(png)[..., :3] * 255).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    green = g - np.maximum(r, b) > 50
+    red = (r - g > 120) & (g < 110)
+    return int(green.sum()), int(red.sum())
+
+
+def test_plot_draws_curves_with_restarts_and_preemptions_marked(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_metrics(run_dir)
+    assert marks(read_events(run_dir / "events.jsonl")) == ([80, 150], [150])  # L2 and L3 resumed; L2 stopped
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(run_dir), "-o", str(png)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {png}"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    green, red = green_and_red_pixels(png)
+    assert green > 200 and red > 200  # dashed and dotted lines across three panels
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_metrics(plain)
+    assert main(["plot", str(plain)]) == 0  # no events: curves only, into the out_dir
+    assert green_and_red_pixels(plain / "curves.png") == (0, 0)
+
+
+def test_plot_without_matplotlib_names_the_extra(run_dir, monkeypatch, capsys):
+    write_metrics(run_dir)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra sees
+    assert main(["plot", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip() == "runner: error: runner plot needs matplotlib: pip install 'runner[plot]'"
