@@ -29,6 +29,7 @@ from .checkpoint import CheckpointStore, open_checkpoint, storage_errors, storag
 from .config import RunConfig, manifest_config, to_dict
 from .data import seed_all
 from .dist import DistEnv
+from .events import EventLog
 from .faults import fail_commit
 from .errors import CheckpointError, ConfigError, RunnerError, StorageError
 from .job import Job, load_init_weights
@@ -73,8 +74,8 @@ def lineage_of(manifest: dict) -> Lineage:
 
 
 class Checkpointer:
-    def __init__(self, cfg: RunConfig, env: DistEnv):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: RunConfig, env: DistEnv, events: EventLog):
+        self.cfg, self.env, self.events = cfg, env, events
         self.url = cfg.checkpoint_dir
         self.store = CheckpointStore(self.url, cfg.checkpoint.storage_options)
         self.lease: Lease | None = None
@@ -82,7 +83,7 @@ class Checkpointer:
         self.last_save = time.monotonic()
         self.last_committed: int | None = None
         self.writer: threading.Thread | None = None
-        self.write_ok = True
+        self.write_ok, self.written_bytes = True, 0
         self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
         self._verified: bytes | None = None
@@ -159,6 +160,8 @@ class Checkpointer:
         return Resume(info.url, info.manifest, Lineage(new_run_id(), started_by, info.url))
 
     def _fresh(self, job: Job) -> TrainState:
+        self.events.run_id = self.lineage.run_id
+        self.events.emit("fresh")
         load_init_weights(job)
         log(f"fresh start: run {self.lineage.run_id}, no checkpoint to resume in {self.url}", self.env)
         seed_all(hash((self.cfg.train.seed, self.env.rank)) & 0x7FFF_FFFF)  # per-rank randomness, reproducible
@@ -184,7 +187,9 @@ class Checkpointer:
         else:
             self.last_committed = state.step
         self._extend_if_asked(state, found.manifest)
-        lost = max(0, last_step - state.step)
+        lost = 0 if found.lineage.parent == found.url else max(0, last_step - state.step)  # pinned: another run's
+        self.events.run_id = found.lineage.run_id
+        self.events.emit("resume", checkpoint=found.url, step=state.step, lost=lost)
         log(f"resuming from {found.url}: step {state.step}, epoch {state.epoch + 1}, sample {state.sample_in_epoch} "
             f"of the epoch (written by {self._saved_world(found)} process(es)); {lost} step(s) lost since that "
             "checkpoint", env)
@@ -265,17 +270,19 @@ class Checkpointer:
 
     def save(self, job: Job, state: TrainState, emergency: bool = False) -> None:
         """All ranks call (RNG and running sums are gathered); rank 0 hands the snapshot to the writer."""
-        if dist.any_rank([not weights_finite(job.model)], self.env)[0]:
-            self.raise_diverged(state, "non-finite weights")
-        self.last_save = time.monotonic()
-        if self.env.is_main:
-            self.wait()  # one snapshot at a time: the staging buffers are free again
-        staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
+        with self.events.timers.during("stall") as blocked:
+            if dist.any_rank([not weights_finite(job.model)], self.env)[0]:
+                self.raise_diverged(state, "non-finite weights")
+            self.last_save = time.monotonic()
+            if self.env.is_main:
+                self.wait()  # one snapshot at a time: the staging buffers are free again
+            staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
         if staged is None:
             return
-        # Serializing, hashing and writing happen here. A daemon thread, so a write hung on a dead server cannot
+        # Serializing, hashing and writing happen there. A daemon thread, so a write hung on a dead server cannot
         # keep a preempted process alive.
-        self.writer = threading.Thread(target=self._write, args=(staged, self._meta(state), emergency), daemon=True)
+        self.writer = threading.Thread(target=self._write, args=(staged, self._meta(state), emergency, blocked.seconds),
+                                       daemon=True)
         self.writer.start()
 
     def _meta(self, state: TrainState) -> dict:
@@ -301,9 +308,17 @@ class Checkpointer:
         self.writer = None
         return self.write_ok
 
-    def _write(self, staged: dict, meta: dict, emergency: bool) -> None:
+    def _write(self, staged: dict, meta: dict, emergency: bool, blocked_s: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._commit(staged, meta, emergency)
+        finally:
+            self.events.emit("checkpoint", step=meta["step"], bytes=self.written_bytes, blocked_s=blocked_s,
+                             write_s=time.perf_counter() - t0, committed=self.write_ok, emergency=emergency)
+
+    def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRIES
-        self.write_ok, data = False, None
+        self.write_ok, self.written_bytes, data = False, 0, None
         for attempt in range(1, attempts + 1):
             try:
                 if self.lease is not None and not self.lease.still_ours():
@@ -311,6 +326,7 @@ class Checkpointer:
                     warn(f"CHECKPOINT FAILED: step {step} was not saved: {self.broken}")
                     return
                 data = data or serialize(staged)  # an unserializable value is a permanent fault
+                self.written_bytes = len(data)
                 fail_commit(step)
                 url = self.store.commit(step, {"state.pt": data}, meta)
                 break
@@ -359,6 +375,10 @@ class Checkpointer:
         """Stop agreed: commit the step reached by `end` (time.monotonic(), the deadline all ranks agreed on),
         then exit 75. Every rank returns rank 0's outcome (only rank 0 writes).
         """
+        with self.events.timers.during("stall"):
+            return self._emergency_save(job, state, end)
+
+    def _emergency_save(self, job: Job, state: TrainState, end: float) -> int:
         t0, grace = time.monotonic(), self.cfg.preemption.grace_s
         log(f"{preemption.requested() or 'stop requested by another rank'}: saving step {state.step} "
             f"before exiting ({max(end - t0, 0):.1f}s left)", self.env)

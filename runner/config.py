@@ -117,6 +117,8 @@ class TrainConfig:
     """Stop when a metric stops improving."""
     progress: Literal["auto", "bar", "plain"] = "auto"
     """auto: a progress bar on a terminal, one line per epoch otherwise."""
+    deterministic: bool = True
+    """On CUDA: deterministic algorithms and cuDNN/cuBLAS settings, which bit-exact resume needs (some ops slower)."""
     log_every_steps: int = 20
     """Read the running loss every N optimizer steps (a host sync): progress bar and divergence check."""
 

@@ -306,12 +306,15 @@ class ShardedSampler(Sampler[int]):
         return len(self.shard())
 
 
-def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int) -> DataLoader:
+def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` for a CUDA device: page-locked batches let the loop's non_blocking copies overlap compute."""
     # Its own generator: every new iterator draws a base seed from it, and drawing from the global RNG would
     # shift dropout after a mid-epoch resume (one more iterator than the uninterrupted run). SeededDataset
     # reseeds each sample, so the workers' base seeds do not affect the data.
     return ShieldedLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                          worker_init_fn=ignore_stop_signals if num_workers else None, generator=torch.Generator())
+                          worker_init_fn=ignore_stop_signals if num_workers else None, generator=torch.Generator(),
+                          pin_memory=pin_memory)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR1/2: preemption.extra_signal

@@ -63,6 +63,18 @@ def warn_shared_store_restarts() -> None:
              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment for reliable restarts")
 
 
+def set_deterministic(device: torch.device, enabled: bool) -> None:
+    """What bit-exact resume needs on CUDA: deterministic algorithms (a warning for ops without one), no cuDNN
+    autotuning, and a fixed cuBLAS workspace (read when cuBLAS starts, so before the first matmul). The CPU is
+    deterministic already."""
+    if device.type != "cuda" or not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")

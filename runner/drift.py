@@ -40,6 +40,7 @@ CATEGORIES = {
     "train.max_steps": Category.EXTEND,
     "train.progress": Category.FREE,
     "train.log_every_steps": Category.FREE,
+    "train.deterministic": Category.FREE,
     "train.device": Category.FREE,
     "dist": Category.FREE,
     "preemption": Category.FREE,

@@ -8,17 +8,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import dist, finetune, preemption
+from . import __version__, dist, finetune, preemption
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_yaml
 from .data import SeededDataset, ShardedSampler, make_loader
 from .dist import DistEnv
-from .errors import ConfigError
+from .errors import ConfigError, RunnerError
+from .events import EVENTS, EventLog
 from .faults import count_host_syncs, dump_weights, inject_fault
 from .job import Job, build_job
 from .metrics import ProgressBar, StepRecord, format_epoch, log, write_history
@@ -27,29 +31,50 @@ from .state import TrainState
 EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
 
 
+@dataclass
+class Launch:
+    """What this process start keeps besides the training state: the last-step record (steps lost at the next
+    start), the event log (runner report) and the agreement on stopping and saving."""
+    steps: StepRecord
+    events: EventLog
+    agreement: preemption.StopAgreement | None = None
+
+
 def train(cfg: RunConfig) -> int:
     """Entry point: set up, run, and always release the process group and the store's lease. Returns the
     exit status."""
+    is_main = os.environ.get("RANK", "0") == "0"
+    launch = Launch(StepRecord(cfg.out_dir, is_main), EventLog(Path(cfg.out_dir) / EVENTS, is_main))
+    launch.events.emit("start", world_size=int(os.environ.get("WORLD_SIZE", "1")), host=socket.gethostname(),
+                       torch_version=torch.__version__, runner_version=__version__, pid=os.getpid(),
+                       restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
     env = dist.setup(cfg.dist, cfg.train.device)
+    dist.set_deterministic(env.device, cfg.train.deterministic)
     count_host_syncs(env.rank)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
-    ckpt = steps = None
+    ckpt, status = None, 1
     try:
         job = build_job(cfg, env)
-        ckpt, steps = Checkpointer(cfg, env), StepRecord(cfg.out_dir, env.is_main)
-        return run(job, ckpt, steps)
+        ckpt = Checkpointer(cfg, env, launch.events)
+        status = run(job, ckpt, launch)
+        return status
+    except RunnerError as e:
+        status = e.exit_status
+        raise
     finally:
         if ckpt is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
             ckpt.close(cfg.preemption.grace_s)
-        if steps is not None:
-            steps.close()
+        launch.steps.close()
+        launch.events.timers.switch("other")
+        launch.events.emit("exit", status=status, step=launch.events.step)
+        launch.events.close()
         preemption.uninstall(handlers)
         dist.teardown()
 
 
-def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
+def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     cfg, env = job.cfg, job.env
-    state = ckpt.start(job, steps.last())
+    state = ckpt.start(job, launch.steps.last())
     if state.finished:
         log(f"training already finished at step {state.step} (run {ckpt.lineage.run_id} in {cfg.checkpoint_dir}); "
             "nothing to do. To train longer raise train.max_epochs or train.max_steps; for a new run use another "
@@ -59,22 +84,26 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
     seeded = SeededDataset(job.data.train, cfg.train.seed)
-    loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers)
-    agreement = preemption.StopAgreement(env)
+    loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers, env.device.type == "cuda")
+    launch.agreement = preemption.StopAgreement(env)
     state.sums = state.sums.to(env.device)
     while True:
         enter_phase(job, finetune.phase_at(job.phases, state.epoch))
         seeded.epoch = state.epoch
         sampler.set_epoch(state.epoch, start=state.sample_in_epoch)
-        outcome = train_epoch(job, ckpt, steps, agreement, loader, state)
+        outcome = train_epoch(job, ckpt, launch, loader, state)
         if outcome == PREEMPTED:
-            return ckpt.emergency_save(job, state, agreement.deadline(cfg.preemption.grace_s))
-        stop_early = end_epoch(job, state, complete=outcome == EPOCH_END)
+            launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
+            return ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
+        stop_early = end_epoch(job, state, launch.events, complete=outcome == EPOCH_END)
+        if not math.isfinite(state.history[-1]["train_loss"]):
+            ckpt.raise_diverged(state, "non-finite loss")
         state.finished = (outcome == MAX_STEPS or stop_early or state.epoch >= cfg.train.max_epochs
                           or reached_max_steps(cfg, state))
         ckpt.maybe_save(job, state, epoch_end=outcome == EPOCH_END)
         if state.finished:
             break
+    launch.events.timers.switch("other")
     status = ckpt.finish(state)
     dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
     dump_weights(job.model, env)
@@ -82,8 +111,7 @@ def run(job: Job, ckpt: Checkpointer, steps: StepRecord) -> int:
     return status
 
 
-def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, agreement: preemption.StopAgreement, loader,
-                state: TrainState) -> str:
+def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: TrainState) -> str:
     """Train until the epoch ends, max_steps is reached, or a stop is agreed by all ranks.
 
     No host sync per step: the running sums stay on the device and are read every train.log_every_steps, and
@@ -109,17 +137,18 @@ def train_epoch(job: Job, ckpt: Checkpointer, steps: StepRecord, agreement: pree
         state.step += 1
         if job.scheduler is not None and cfg.scheduler.interval == "step":
             job.scheduler.step()
-        steps.write(state.step)
+        launch.steps.write(state.step)
+        launch.events.after_step(state.step)
         inject_fault(state.step, env)
         if state.step % cfg.train.log_every_steps == 0:
             bar.show(running_loss(job, ckpt, state))
         last = index + 1 == batches
-        decision = agreement.after_step(preemption.requested() is not None, *ckpt.poll(),
-                                        settle=last or reached_max_steps(cfg, state))
+        decision = launch.agreement.after_step(preemption.requested() is not None, *ckpt.poll(),
+                                               settle=last or reached_max_steps(cfg, state))
         if decision.broken:
             ckpt.raise_broken()
         if decision.stop:
-            agreement.settle()
+            launch.agreement.settle()
             bar.close()
             return PREEMPTED
         if reached_max_steps(cfg, state) and not last:
@@ -178,7 +207,7 @@ def autocast(job: Job):
     return torch.autocast(job.env.device.type, dtype=dtype)
 
 
-def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
+def end_epoch(job: Job, state: TrainState, events: EventLog, complete: bool) -> bool:
     """Reduce train metrics, evaluate, record history, step the epoch scheduler; True → stop early.
 
     Also called when max_steps ends an epoch early (complete=False): the run's last weights get evaluated,
@@ -189,7 +218,8 @@ def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
     metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
     if correct or job.data.num_classes:
         metrics["train_acc"] = correct / max(count, 1)
-    metrics.update(evaluate(job))
+    with events.timers.during("eval"):
+        metrics.update(evaluate(job))
     metrics["lr"] = job.optimizer.param_groups[-1]["lr"]
     state.reset_sums()
     if job.scheduler is not None and cfg.scheduler.interval == "epoch":
@@ -197,6 +227,7 @@ def end_epoch(job: Job, state: TrainState, complete: bool) -> bool:
     if cfg.checkpoint.keep_best:  # before any save: a misspelled metric must not rank (and prune) by nothing
         metric_value(metrics, cfg.checkpoint.metric, "checkpoint.metric")
     state.history.append(metrics)
+    events.emit("epoch", step=state.step, epoch=metrics["epoch"], metrics=metrics)
     if complete:
         state.epoch, state.sample_in_epoch = state.epoch + 1, 0
     stop = early_stopping(cfg, state, metrics)
@@ -214,7 +245,7 @@ def evaluate(job: Job) -> dict:
     dist.broadcast_buffers(model, env)  # BatchNorm statistics drift per rank; evaluate (and save) rank 0's
     sampler = ShardedSampler(len(job.data.val), env.rank, env.world_size, 0, shuffle=False, pad=False)
     loader = make_loader(job.data.val, sampler, cfg.data.eval_batch_size or cfg.data.batch_size,
-                         cfg.data.num_workers)
+                         cfg.data.num_workers, env.device.type == "cuda")
     per_sample = copy.copy(job.loss_fn)
     if hasattr(per_sample, "reduction"):
         per_sample.reduction = "none"  # sum per-sample losses in float64: independent of batching

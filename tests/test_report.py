@@ -226,3 +226,40 @@ def test_plot_without_matplotlib_names_the_extra(run_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra sees
     assert main(["plot", str(run_dir)]) == 2
     assert capsys.readouterr().err.strip() == "runner: error: runner plot needs matplotlib: pip install 'runner[plot]'"
+
+
+# --- a real run through a SIGTERM and a SIGKILL ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_report_of_a_real_run_through_a_sigterm_and_a_sigkill(tmp_path):
+    """2 ranks under torchrun: stopped by a signal, then killed, then run to the end; `runner report --json`
+    counts the launches, the steps lost and the final step the test caused, and its parts add up to the wall."""
+    from fault_helpers import text, wait_until
+    from helpers import kill_everything, launched, ok, run_cli, run_torchrun, torchrun_cmd, write_job
+
+    job = write_job(tmp_path, "job", base={
+        "model": {"name": "mlp", "args": {"hidden": [32]}},
+        "data": {"name": "synthetic", "args": {"size": 512, "val_size": 64}, "batch_size": 16},
+        "optim": {"name": "AdamW", "lr": 0.01},
+        "train": {"max_epochs": 3, "seed": 0, "progress": "plain"},
+        "checkpoint": {"every_steps": 5}, "dist": {"timeout_s": 60}})
+    first = run_torchrun("train", job, nproc=2, env={"RUNNER_TEST_SIGNAL_AT_STEP": "6"})  # agreed at step 7
+    assert "preempted: step 7 committed" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    log = tmp_path / "second.txt"
+    with launched(torchrun_cmd("train", job, nproc=2), log, RUNNER_TEST_SLOW_COMMIT_S=0.5) as second:
+        wait_until(lambda: "checkpoint step 20 committed" in text(log), "a checkpoint at step 20", second, log)
+        wait_until(lambda: int((tmp_path / "job" / "last_step").read_text() or 0) >= 23, "step 23", second, log)
+        kill_everything(second, first=9)
+    killed_at = int((tmp_path / "job" / "last_step").read_text())
+    third = ok(run_torchrun("train", job, nproc=2))
+    assert "done: 48 steps, 3 epochs" in third
+    report = json.loads(ok(run_cli("report", job, "--json")))
+    launches = report["launches"]
+    assert len(launches) == 3 and launches[-1]["final_step"] == 48
+    assert [launch["status"] for launch in launches] == [75, None, 0]
+    assert launches[1]["resumed_from"] == 7 and launches[1]["lost_steps"] == 0
+    assert launches[2]["resumed_from"] == 20 and launches[2]["lost_steps"] == killed_at - 20
+    for launch in launches:  # the categories add up to the wall time (to rounding)
+        parts = sum(launch[k] for k in ("restore_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s"))
+        assert parts == pytest.approx(launch["wall_s"], abs=0.05), launch
+        assert launch["productive_s"] > 0 and launch["restore_s"] > 0
