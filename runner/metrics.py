@@ -19,6 +19,9 @@ def warn(message: str, env=None) -> None:
     print(f"[runner] WARNING: {tag}{message}", file=sys.stderr, flush=True)
 
 
+REDRAW_S = 0.1  # the progress bar redraws at most this often
+
+
 class ProgressBar:
     """A single updating line with rate and ETA, only when stdout is a terminal. The loss shown is the running
     mean the loop last read (train.log_every_steps): the bar itself never reads a tensor."""
@@ -26,7 +29,7 @@ class ProgressBar:
     def __init__(self, enabled: bool, total: int, epoch: int, max_epochs: int, start: int = 0):
         self.enabled, self.total, self.done = enabled, total, start
         self.label = f"epoch {epoch + 1}/{max_epochs}"
-        self.t0, self.start, self.loss = time.monotonic(), start, None
+        self.t0, self.start, self.loss, self.drawn = time.monotonic(), start, None, 0.0
 
     def advance(self) -> None:
         self.done += 1
@@ -37,8 +40,10 @@ class ProgressBar:
         self._draw()
 
     def _draw(self) -> None:
-        if not self.enabled:
-            return
+        now = time.monotonic()
+        if not self.enabled or (now - self.drawn < REDRAW_S and self.done < self.total):
+            return  # a terminal write per step would cost more than a tiny model's step
+        self.drawn = now
         rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         filled = int(24 * self.done / max(self.total, 1))
