@@ -207,6 +207,12 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <out_dir>/tb (pip install 'runner[tensorboard]')."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """What to train."""
@@ -228,6 +234,8 @@ class RunConfig:
     """Stop signals and the emergency checkpoint."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Transfer learning: new head and freeze/unfreeze phases."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """What a run writes besides metrics.jsonl and events.jsonl."""
     out_dir: Optional[str] = None
     """Local folder for the resolved config and metrics; defaults to runs/<job file name>."""
 

@@ -27,6 +27,7 @@ from .faults import count_host_syncs, dump_weights, inject_fault
 from .job import Job, build_job
 from .metrics import ProgressBar, StepRecord, format_epoch, log, write_history
 from .state import TrainState
+from .tensorboard import TensorBoard
 
 EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
 
@@ -34,9 +35,10 @@ EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
 @dataclass
 class Launch:
     """What this process start keeps besides the training state: the last-step record (steps lost at the next
-    start), the event log (runner report) and the agreement on stopping and saving."""
+    start), the event log (runner report), the TensorBoard writer and the agreement on stopping and saving."""
     steps: StepRecord
     events: EventLog
+    tensorboard: TensorBoard
     agreement: preemption.StopAgreement | None = None
 
 
@@ -44,7 +46,8 @@ def train(cfg: RunConfig) -> int:
     """Entry point: set up, run, and always release the process group and the store's lease. Returns the
     exit status."""
     is_main = os.environ.get("RANK", "0") == "0"
-    launch = Launch(StepRecord(cfg.out_dir, is_main), EventLog(Path(cfg.out_dir) / EVENTS, is_main))
+    launch = Launch(StepRecord(cfg.out_dir, is_main), EventLog(Path(cfg.out_dir) / EVENTS, is_main),
+                    TensorBoard(cfg.out_dir, is_main and cfg.metrics.tensorboard))
     launch.events.emit("start", world_size=int(os.environ.get("WORLD_SIZE", "1")), host=socket.gethostname(),
                        torch_version=torch.__version__, runner_version=__version__, pid=os.getpid(),
                        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
@@ -65,6 +68,7 @@ def train(cfg: RunConfig) -> int:
         if ckpt is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
             ckpt.close(cfg.preemption.grace_s)
         launch.steps.close()
+        launch.tensorboard.close()
         launch.events.timers.switch("other")
         launch.events.emit("exit", status=status, step=launch.events.step)
         launch.events.close()
@@ -81,6 +85,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
             "checkpoint.dir", env)
         return 0
     announce(job)
+    launch.tensorboard.open(state.step)
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
     seeded = SeededDataset(job.data.train, cfg.train.seed)
@@ -96,6 +101,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
             return ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
         stop_early = end_epoch(job, state, launch.events, complete=outcome == EPOCH_END)
+        launch.tensorboard.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
             ckpt.raise_diverged(state, "non-finite loss")
         state.finished = (outcome == MAX_STEPS or stop_early or state.epoch >= cfg.train.max_epochs
@@ -141,7 +147,9 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
         launch.events.after_step(state.step)
         inject_fault(state.step, env)
         if state.step % cfg.train.log_every_steps == 0:
-            bar.show(running_loss(job, ckpt, state))
+            loss = running_loss(job, ckpt, state)
+            bar.show(loss)
+            launch.tensorboard.log_step(state.step, loss, job.optimizer.param_groups[-1]["lr"])
         last = index + 1 == batches
         decision = launch.agreement.after_step(preemption.requested() is not None, *ckpt.poll(),
                                                settle=last or reached_max_steps(cfg, state))
