@@ -103,7 +103,7 @@ def _open_fs(url: str, storage_options: dict | None):
     except ImportError as e:
         proto = fsspec.core.split_protocol(url)[0]
         extra = _EXTRAS.get(proto)
-        hint = f"pip install 'runner[{extra}]'" if extra else f"install the fsspec backend for {proto}://"
+        hint = f"pip install 'runner-train[{extra}]'" if extra else f"install the fsspec backend for {proto}://"
         raise CheckpointError(f"cannot open {url}: storage backend missing ({e}); run: {hint}") from None
     except ValueError as e:  # fsspec's "Protocol not known"
         raise CheckpointError(

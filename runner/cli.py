@@ -35,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("job", help="job YAML file (builds the model)")
     exp.add_argument("out", help="output file; the suffix picks the format (.pt, .pth, .safetensors, .onnx)")
     exp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    exp.add_argument("--checkpoint", help="checkpoint URL (default: the newest valid one of the job)")
+    exp.add_argument("--checkpoint", metavar="best|step-N|URL",
+                     help="which weights: 'best' by the job's checkpoint.metric/mode, step-N of the job's "
+                          "checkpoint.dir, or a checkpoint or weights URL (default: the job's newest valid checkpoint)")
     exp.set_defaults(func=cmd_export)
     ckpt = sub.add_parser("ckpt", help="list, verify and inspect checkpoints").add_subparsers(dest="action",
                                                                                               required=True)
@@ -47,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000")
         c.set_defaults(func=func)
+        if name == "ls":
+            c.add_argument("--metric", help="mark the best checkpoint by this metric (default: the checkpoint.metric "
+                           "the newest checkpoint was written with)")
+            c.add_argument("--mode", choices=("min", "max"), help="whether smaller or larger --metric is better "
+                           "(default: that checkpoint's checkpoint.mode, else min)")
     rep = sub.add_parser("report", help="where a run's time went, per launch: productive, recomputed, stalls, gaps")
     rep.add_argument("run", metavar="RUN_DIR_OR_JOB", help="the run's out_dir, or its job YAML")
     rep.add_argument("--json", action="store_true", help="print JSON (launches and totals) instead of a table")
@@ -96,19 +103,41 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def export_source(cfg, choice: str | None) -> str:
+    """The URL `runner export --checkpoint` names: the newest valid checkpoint (None), 'best', 'step-N' of the
+    job's checkpoint.dir, or a URL as given."""
+    from .checkpoint import STEP_RE, CheckpointStore
+    from .store_cli import best_checkpoint
+
+    store = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.storage_options)
+    step = STEP_RE.fullmatch(choice or "")
+    if step:
+        return f"{store.url}/step-{int(step.group(1)):09d}"
+    if choice == "best":
+        metric = cfg.checkpoint.metric
+        if not metric:
+            raise ConfigError("export --checkpoint best: the job sets no checkpoint.metric to rank by; add it "
+                              "(e.g. checkpoint.metric=val_loss) or pass --checkpoint step-N")
+        info = best_checkpoint(store.list(), metric, cfg.checkpoint.mode)
+        if info is None:
+            raise ConfigError(f"export --checkpoint best: no valid checkpoint in {cfg.checkpoint_dir} has a "
+                              f"finite {metric}; list them with `runner ckpt ls {cfg.checkpoint_dir}`")
+        return info.url
+    if choice is not None:
+        return choice
+    info = store.latest_valid()
+    if info is None:
+        raise ConfigError(f"export: no valid checkpoint in {cfg.checkpoint_dir}; train first or pass --checkpoint")
+    return info.url
+
+
 def cmd_export(args) -> int:
-    from .checkpoint import CheckpointStore
     from .export import export
     from .weights import load_pretrained
 
     cfg = load_job(args)
     model, example, _, _ = model_from_job(cfg)
-    url = args.checkpoint
-    if url is None:
-        info = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.storage_options).latest_valid()
-        if info is None:
-            raise ConfigError(f"export: no valid checkpoint in {cfg.checkpoint_dir}; train first or pass --checkpoint")
-        url = info.url
+    url = export_source(cfg, args.checkpoint)
     load_pretrained(model, url, storage_options=cfg.checkpoint.storage_options)
     fmt = export(model, example, args.out)
     print(f"exported {url} to {args.out} ({fmt})")
@@ -129,7 +158,7 @@ def cmd_ckpt_ls(args) -> int:
     from .checkpoint import CheckpointStore
     from .store_cli import describe_listing
 
-    print(describe_listing(CheckpointStore(args.url, storage_options(args))))
+    print(describe_listing(CheckpointStore(args.url, storage_options(args)), args.metric, args.mode))
     return 0
 
 

@@ -40,7 +40,11 @@ class ModelConfig:
     strict: bool = True
     """With init_from: fail on missing/unexpected keys instead of loading what matches."""
     trust_pickle: bool = False
-    """With init_from: allow a whole pickled model (runs code from the file; only for files you made)."""
+    """With init_from: allow pickled Python objects (a whole model, a Lightning .ckpt's hyper_parameters); this runs
+    code from the file, so only for files you trust."""
+    init_prefix: Optional[str] = None
+    """With init_from: how saved keys map to the model's: `model.` strips that prefix (keys outside it are ignored),
+    `+backbone.` adds one, `""` keeps them as saved; unset: the one mapping that fits, found from the keys."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     tensorboard: bool = False
-    """Also write TensorBoard scalars to <out_dir>/tb (pip install 'runner[tensorboard]')."""
+    """Also write TensorBoard scalars to <out_dir>/tb (pip install 'runner-train[tensorboard]')."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ CATEGORIES = {
     "model.weights": Category.FREE,
     "model.strict": Category.FREE,
     "model.trust_pickle": Category.FREE,
+    "model.init_prefix": Category.FREE,
     "data.num_workers": Category.FREE,
     "data.eval_batch_size": Category.FREE,
     "data.global_batch_size": Category.GLOBAL_BATCH,

@@ -32,7 +32,7 @@ def export(model: nn.Module, example: torch.Tensor, out: str) -> str:
 
 def to_onnx(model: nn.Module, example: torch.Tensor, out: str) -> None:
     if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it: say so, not fail deep inside
-        raise ConfigError("export to ONNX needs onnx and onnxscript: pip install 'runner[export]'")
+        raise ConfigError("export to ONNX needs onnx and onnxscript: pip install 'runner-train[export]'")
     batch = torch.export.Dim("batch")
     torch.onnx.export(model, (example,), out, input_names=["input"], output_names=["output"],
                       dynamic_shapes=({0: batch},), verbose=False)

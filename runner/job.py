@@ -85,7 +85,7 @@ def load_init_weights(job: Job) -> None:
     if cfg.model.init_from:
         log(weights.load_pretrained(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                    new_head=job.head), job.env)
+                                    new_head=job.head, prefix=cfg.model.init_prefix), job.env)
 
 
 def example_batch(data: Datasets, n: int = 2) -> torch.Tensor:

@@ -48,7 +48,7 @@ def plot(out_dir: Path, output: Path) -> Path:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("runner plot needs matplotlib: pip install 'runner[plot]'") from None
+        raise ConfigError("runner plot needs matplotlib: pip install 'runner-train[plot]'") from None
     history = read_history(out_dir / "metrics.jsonl")
     restarts, stops = marks(read_events(out_dir / EVENTS))
     panels = [(title, [k for k in keys if series(history, k)]) for title, keys in PANELS]

@@ -1,10 +1,12 @@
-"""`runner ckpt ls|verify` output: a table of a store's checkpoints, tolerant of whatever it finds."""
+"""`runner ckpt ls|verify` output: a table of a store's checkpoints, tolerant of whatever it finds; which one is
+best by a metric (ls marks it, `runner export --checkpoint best` loads it)."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
 from runner.checkpoint import STEP_RE, CheckpointInfo, CheckpointStore, open_checkpoint
+from runner.manifest import score
 
 
 def _human(n: int) -> str:
@@ -19,6 +21,23 @@ def _when(t: object) -> str:
         return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     except (OverflowError, OSError, ValueError):  # a timestamp no calendar holds
         return "-"
+
+
+def best_checkpoint(infos: list[CheckpointInfo], metric: str, mode: str = "min") -> CheckpointInfo | None:
+    """The valid checkpoint with the best finite `metric` (on a tie, the newest); None if none has it."""
+    scored = [i for i in reversed(infos) if i.valid and score(i.manifest, metric) is not None]
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda i: score(i.manifest, metric)) if scored else None
+
+
+def ranking_of(infos: list[CheckpointInfo]) -> tuple[str | None, str]:
+    """checkpoint.metric and .mode of the config the newest valid checkpoint was written with."""
+    newest = next((i for i in reversed(infos) if i.valid), None)
+    config = newest.manifest.get("config") if newest else None  # valid: its manifest is well-formed
+    section = config.get("checkpoint") if isinstance(config, dict) else None
+    section = section if isinstance(section, dict) else {}
+    mode = section.get("mode")
+    return section.get("metric") if isinstance(section.get("metric"), str) else None, mode if mode == "max" else "min"
 
 
 def _row(info: CheckpointInfo) -> list[str]:
@@ -38,10 +57,22 @@ def _table(infos: list[CheckpointInfo]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
 
-def describe_listing(store: CheckpointStore) -> str:
-    """A table of every checkpoint in `store` (cheap check, no hashing)."""
+def describe_listing(store: CheckpointStore, metric: str | None = None, mode: str | None = None) -> str:
+    """A table of every checkpoint in `store` (cheap check, no hashing), the best by `metric`/`mode` marked;
+    without `metric`, by the checkpoint.metric/mode the newest checkpoint was written with (if any)."""
     infos = store.list()
-    return _table(infos) if infos else f"no checkpoints under {store.url}"
+    if not infos:
+        return f"no checkpoints under {store.url}"
+    if metric is None:
+        metric, saved_mode = ranking_of(infos)
+        mode = mode or saved_mode
+    mode = mode or "min"
+    rows = _table(infos)
+    best = best_checkpoint(infos, metric, mode) if metric else None
+    if best is None:
+        return rows
+    return "\n".join(line + f", best {metric} ({mode})" if line.split(maxsplit=1)[0] == str(best.step) else line
+                     for line in rows.splitlines())
 
 
 def run_verify(url: str, storage_options: dict | None = None) -> tuple[str, int]:

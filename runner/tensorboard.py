@@ -24,7 +24,7 @@ def summary_writer_class() -> type:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("metrics.tensorboard is true but the tensorboard package is not installed; "
-                          "pip install 'runner[tensorboard]' or set metrics.tensorboard: false") from None
+                          "pip install 'runner-train[tensorboard]' or set metrics.tensorboard: false") from None
     return SummaryWriter
 
 

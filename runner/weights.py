@@ -1,12 +1,14 @@
 """Pretrained weights: read a file, a runner checkpoint or a checkpoint store from any fsspec URL, decode
-safetensors or torch.save data without running pickled code, strip DDP/torch.compile key prefixes and load what
-matches into a model. What trains afterwards (the phase plan) is runner/finetune.py."""
+safetensors or torch.save data without running pickled code, find the weights in whatever dict the saving tool
+wrapped them in, map key prefixes (DDP, torch.compile, Lightning attributes) to the model's and load what
+matches. What trains afterwards (the phase plan) is runner/finetune.py."""
 from __future__ import annotations
 
 import io
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import fsspec
 import safetensors.torch
@@ -18,7 +20,10 @@ from runner.errors import CheckpointError
 from runner.finetune import _under
 from runner.manifest import MANIFEST
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added to state_dict keys by DDP and torch.compile
+# Where checkpoint dicts keep the weights: the PyTorch tutorial, Lightning (and timm, HF…), runner and many
+# scripts, DeepSpeed. The first that holds a state_dict wins.
+WEIGHT_KEYS = ("model_state_dict", "state_dict", "model", "module")
+PREFIX_SYNTAX = "'model.' strips that prefix, '+backbone.' adds one, '' keeps the keys as saved"
 
 
 def _one_line(err: BaseException) -> str:
@@ -31,17 +36,46 @@ def _names(keys: Iterable[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more if keys else "none"
 
 
-def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
-    """The weights file's bytes. A runner checkpoint directory stands for its (verified) state.pt, and a
-    checkpoint store directory for its newest valid checkpoint."""
+@dataclass(frozen=True)
+class KeyMapping:
+    """How checkpoint keys become model keys: strip `prefix` (keys outside it are ignored) or, with `add`,
+    prepend it; an empty prefix keeps the keys as saved."""
+    prefix: str = ""
+    add: bool = False
+
+    def __str__(self) -> str:
+        return "as saved" if not self.prefix else f"{'added' if self.add else 'stripped'} '{self.prefix}'"
+
+    def apply(self, weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """(renamed weights, keys ignored because they lie outside a stripped prefix)."""
+        if self.add or not self.prefix:
+            return {self.prefix + k: v for k, v in weights.items()}, []
+        inside = {k.removeprefix(self.prefix): v for k, v in weights.items() if k.startswith(self.prefix)}
+        return inside, [k for k in weights if not k.startswith(self.prefix)]
+
+
+def parse_prefix(text: str | None) -> KeyMapping | None:
+    """model.init_prefix → a mapping; None → None (find it from the keys). A missing final dot is added."""
+    if text is None:
+        return None
+    add = text.startswith("+")
+    name = text.removeprefix("+")
+    if add and not name:
+        raise CheckpointError(f"model.init_prefix: {text!r} adds nothing; {PREFIX_SYNTAX}")
+    return KeyMapping(name if not name or name.endswith(".") else name + ".", add)
+
+
+def _read(url: str, storage_options: dict | None) -> tuple[bytes, str, str | None]:
+    """The weights file's bytes, its path, and "runner checkpoint" when it is one. A runner checkpoint
+    directory stands for its (verified) state.pt, and a checkpoint store directory for its newest valid one."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         if not fs.isdir(path):
             with fs.open(path, "rb") as f:
-                return f.read(), path
+                return f.read(), path, None
     except Exception as err:
         raise CheckpointError(f"cannot read pretrained weights {url} ({_one_line(err)}); "
-                              "check the URL and storage_options") from None
+                              "check the URL and checkpoint.storage_options") from None
     if fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
         store, info = open_checkpoint(url, storage_options)
         data = store.read(info)
@@ -49,76 +83,152 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str]:
         found = CheckpointStore(url, storage_options).read_latest()
         if found is None:
             raise CheckpointError(f"{url} is a directory with no committed runner checkpoint (no MANIFEST.json); "
-                                  "point init_from at a weights file, a step-N checkpoint or a checkpoint.dir")
+                                  "point model.init_from at a weights file, a step-N checkpoint or a checkpoint.dir")
         info, data = found
-    return data, f"{info.url}/state.pt"
+    return data, f"{info.url}/state.pt", "runner checkpoint"
+
+
+def _unsafe_types(data: bytes, err: Exception) -> tuple[str, list[str]]:
+    """The class or function torch refused, then all others the pickle would import; found by reading, never by
+    running it."""
+    refused = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    try:
+        listed = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    except Exception:  # not a zip-format torch.save file: what the refusal names is all we know
+        listed = []
+    first = (refused or listed or ["unknown"])[0]
+    return first, sorted(set(listed) - {first})
 
 
 def _torch_load(data: bytes, url: str, trust_pickle: bool) -> object:
     try:  # weights_only refuses to import anything, so a refused file has run no code
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:
-        # the class or function the pickle wanted to import, as torch's refusal names it
-        found = isinstance(err, pickle.UnpicklingError) and re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found:
+        if isinstance(err, pickle.UnpicklingError) and not trust_pickle:
+            first, others = _unsafe_types(data, err)
             raise CheckpointError(
-                f"{url} contains a pickled Python object ({found.group(1)}), e.g. a whole model saved with "
-                "torch.save(model), and loading it could run arbitrary code; convert it in the environment "
-                "that made it with torch.save(model.state_dict(), path), or pass trust_pickle=True if you "
-                "trust its source") from None
+                f"{url} contains a pickled Python object ({first}), e.g. a whole model saved with torch.save(model) "
+                "or a Lightning .ckpt's hyper_parameters, and loading it could run arbitrary code; keep only the "
+                "weights, where it was made: torch.save(model.state_dict(), path) (Lightning: "
+                "torch.save(ckpt['state_dict'], path)), or set model.trust_pickle: true if you trust its source"
+                + (f" (other unsafe types in it: {_names(others, limit=3)})" if others else "")) from None
         raise CheckpointError(f"cannot load {url} with torch.load ({_one_line(err)}); expected a safetensors, "
-                              "state_dict or runner checkpoint file") from None
+                              "state_dict or checkpoint file") from None
 
 
-def _state_dict_of(obj: object, url: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), (Mapping, nn.Module)):
-        obj = obj["model"]  # a runner checkpoint: model weights sit next to optimizer, RNG, progress...
+def _is_state_dict(obj: object) -> bool:
+    return (isinstance(obj, Mapping) and bool(obj)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _format_name(holder: Mapping, key: str, kind: str | None) -> str:
+    if key == "model_state_dict":
+        return "tutorial checkpoint 'model_state_dict'"
+    if key == "state_dict" and "pytorch-lightning_version" in holder:
+        return "Lightning checkpoint 'state_dict'"
+    return f"{kind} '{key}'" if kind else f"checkpoint dict '{key}'"
+
+
+def _state_dict_of(obj: object, url: str, kind: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights in what torch.load returned, and the name of the format they were found in."""
     if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    raise CheckpointError(f"{url} holds a {type(obj).__name__} that is neither a state_dict (name → tensor) "
-                          "nor a checkpoint with a 'model' key; save model.state_dict() instead")
+        return obj.state_dict(), "whole pickled model"
+    if _is_state_dict(obj):
+        return dict(obj), "state_dict"
+    if isinstance(obj, Mapping):
+        for key in WEIGHT_KEYS:
+            inner = obj.get(key)
+            inner = inner.state_dict() if isinstance(inner, nn.Module) else inner
+            if _is_state_dict(inner):
+                return dict(inner), _format_name(obj, key, kind)
+        what = f"a dict (keys: {_names(map(str, obj))})"
+    else:
+        what = f"a {type(obj).__name__}"
+    raise CheckpointError(f"{url} holds {what} with no weights: expected a state_dict (name → tensor) or a "
+                          f"checkpoint dict keeping one under {', '.join(WEIGHT_KEYS)}; save model.state_dict()")
 
 
-def _decode(data: bytes, path: str, url: str, trust_pickle: bool) -> dict[str, torch.Tensor]:
+def _decode(data: bytes, path: str, url: str, trust_pickle: bool, kind: str | None) -> tuple[dict, str]:
     # safetensors: 8-byte header length, then a JSON header; torch.save files are zips ("PK")
     if path.endswith(".safetensors") or (data[8:9] == b"{" and not data.startswith(b"PK")):
         try:
-            return safetensors.torch.load(data)
+            return safetensors.torch.load(data), "safetensors"
         except Exception as err:
             raise CheckpointError(f"{url} is not a valid safetensors file ({_one_line(err)})") from None
-    return _state_dict_of(_torch_load(data, url, trust_pickle), url)
+    return _state_dict_of(_torch_load(data, url, trust_pickle), url, kind)
 
 
-def _strip_prefixes(weights: dict, model_keys: Sequence[str]) -> dict:
-    for prefix in _WRAPPER_PREFIXES * 2:  # twice: wrappers nest in either order
-        if any(k.startswith(prefix) for k in weights) and not any(k.startswith(prefix) for k in model_keys):
-            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
-    return weights
+def _without_head(weights: dict, new_head: str | None) -> dict:
+    return weights if new_head is None else {k: v for k, v in weights.items() if not _under(k, new_head)}
 
 
-def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None = None,
-                    strict: bool = True, trust_pickle: bool = False, new_head: str | None = None) -> str:
-    """Load weights from a safetensors file, a state_dict .pt/.pth, or a runner checkpoint (file or
-    step-N directory) into `model`; returns a one-line report of what was loaded. `new_head`: the module
-    replace_head swaps out next; its keys are neither loaded nor checked (a 1000-class fc meets a 10-class one)."""
-    data, path = _read(url, storage_options)
-    own = model.state_dict()
-    weights = _strip_prefixes(_decode(data, path, url, trust_pickle), list(own))
-    if new_head is not None:
-        weights = {k: v for k, v in weights.items() if not _under(k, new_head)}
-        own = {k: v for k, v in own.items() if not _under(k, new_head)}
+def _candidates(saved: Iterable[str], own: Iterable[str]) -> set[KeyMapping]:
+    """Every mapping that turns at least one saved key into a model key: a dotted prefix of a saved key to strip
+    (module., _orig_mod., model., net., …) or of a model key to add (backbone., …); and the keys as saved."""
+    found = {KeyMapping()}
+    for keys, targets, add in ((saved, set(own), False), (own, set(saved), True)):
+        for key in keys:
+            dot = key.find(".")
+            while dot != -1:
+                if key[dot + 1:] in targets:
+                    found.add(KeyMapping(key[:dot + 1], add))
+                dot = key.find(".", dot + 1)
+    return found
+
+
+def _fit(mapping: KeyMapping, weights: dict, own: dict, new_head: str | None) -> tuple[int, int, int]:
+    """(model keys not covered, shapes that differ, unexpected keys): smaller is better."""
+    mapped = _without_head(mapping.apply(weights)[0], new_head)
+    return (sum(k not in mapped for k in own), sum(k in mapped and mapped[k].shape != v.shape for k, v in own.items()),
+            sum(k not in own for k in mapped))
+
+
+def find_mapping(weights: dict, own: dict, new_head: str | None, url: str) -> KeyMapping:
+    """The one mapping under which the saved keys cover the most model keys (then: fewest shape mismatches and
+    unexpected keys). The keys as saved win whenever they cover as many; a tie between mappings is an error."""
+    scores = {m: _fit(m, weights, own, new_head) for m in _candidates(weights, own)}
+    best = min(scores.values())
+    if scores[KeyMapping()][0] == best[0]:
+        return KeyMapping()
+    tied = sorted((m for m, s in scores.items() if s == best), key=str)
+    if len(tied) > 1:
+        raise CheckpointError(f"{url}: the keys fit the model equally under {' and '.join(map(str, tied))}; choose "
+                              f"one with model.init_prefix ({PREFIX_SYNTAX})")
+    return tied[0]
+
+
+def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None = None, strict: bool = True,
+                    trust_pickle: bool = False, new_head: str | None = None, prefix: str | None = None) -> str:
+    """Load weights from a safetensors file, a state_dict, a checkpoint dict (PyTorch tutorial, Lightning .ckpt,
+    {'model': …}, {'module': …}) or a runner checkpoint or store into `model`; returns a one-line report naming
+    the format and the key mapping. `new_head`: the module replace_head swaps out next; its keys are neither
+    loaded nor checked (a 1000-class fc meets a 10-class one). `prefix`: model.init_prefix (see parse_prefix);
+    None finds the mapping from the keys."""
+    data, path, kind = _read(url, storage_options)
+    saved, fmt = _decode(data, path, url, trust_pickle, kind)
+    own = _without_head(model.state_dict(), new_head)
+    mapping = parse_prefix(prefix)
+    if mapping is not None and mapping.prefix and not mapping.add and not any(k.startswith(mapping.prefix)
+                                                                              for k in saved):
+        raise CheckpointError(f"model.init_prefix: no key of {url} starts with '{mapping.prefix}' (its keys: "
+                              f"{_names(saved)}); {PREFIX_SYNTAX}")
+    mapping = mapping if mapping is not None else find_mapping(saved, own, new_head, url)
+    weights, ignored = mapping.apply(saved)
+    weights = _without_head(weights, new_head)
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     mismatched = [f"{k} {tuple(weights[k].shape)}→{tuple(v.shape)}"
                   for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    found = f"format: {fmt}" + (f"; keys: {mapping}" if mapping.prefix else "")
     if strict and (missing or unexpected or mismatched):
         raise CheckpointError(
             f"{url} does not match the model: missing {_names(missing)}; unexpected {_names(unexpected)}; "
-            f"shape mismatch {_names(mismatched)}; replace the head or load non-strict (strict=False)")
+            f"shape mismatch {_names(mismatched)} ({found}); replace the head (finetune.head), map the keys "
+            "(model.init_prefix) or load what matches with model.strict: false")
     matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(matching, strict=False)
     report = (f"loaded {len(matching)}/{len(own)} tensors from {url}; missing: {_names(missing)}; "
               f"unexpected: {_names(unexpected)}") + (f"; new head: {new_head}" if new_head else "")
-    return report + (f"; skipped (shape): {_names(mismatched)}" if mismatched else "")
+    report += f"; skipped (shape): {_names(mismatched)}" if mismatched else ""
+    report += f"; ignored (outside '{mapping.prefix}'): {_names(ignored)}" if ignored else ""
+    return f"{report}; {found}"

@@ -57,8 +57,10 @@ def root(request, tmp_path):
 
 # ---------------------------------------------------------------- load_pretrained
 
-@pytest.mark.parametrize("fmt", ["safetensors", "state_dict", "checkpoint_file", "checkpoint_dir"])
-def test_load_each_format(root, fmt):
+@pytest.mark.parametrize("fmt, named", [("safetensors", "safetensors"), ("state_dict", "state_dict"),
+                                        ("checkpoint_file", "checkpoint dict 'model'"),
+                                        ("checkpoint_dir", "runner checkpoint 'model'")])
+def test_load_each_format(root, fmt, named):
     src = net(seed=1)
     sd = src.state_dict()
     if fmt == "safetensors":
@@ -72,7 +74,7 @@ def test_load_each_format(root, fmt):
     dst = net(seed=2)
     report = load_pretrained(dst, url)
     assert same_weights(dst, src)
-    assert report == f"loaded {len(sd)}/{len(sd)} tensors from {url}; missing: none; unexpected: none"
+    assert report == f"loaded {len(sd)}/{len(sd)} tensors from {url}; missing: none; unexpected: none; format: {named}"
 
 
 def test_checkpoint_store_dir_loads_its_newest_valid_checkpoint(root):
@@ -95,7 +97,7 @@ def test_wrapper_prefixes_are_stripped(root):
     for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
         url = put(f"{root}/p.pt", saved({prefix + k: v for k, v in src.state_dict().items()}))
         dst = net(seed=2)
-        load_pretrained(dst, url)
+        assert load_pretrained(dst, url).endswith(f"; keys: stripped '{prefix}'")
         assert same_weights(dst, src), prefix
 
 
@@ -106,6 +108,7 @@ def test_strict_lists_missing_keys(root):
         load_pretrained(net(), url)
     msg = str(err.value)
     assert "missing fc.weight, fc.bias" in msg and url in msg and "\n" not in msg
+    assert "model.strict: false" in msg and "strict=False" not in msg
 
 
 def test_non_strict_reports_and_skips_shape_mismatch(root):
@@ -120,7 +123,7 @@ def test_non_strict_reports_and_skips_shape_mismatch(root):
     report = load_pretrained(dst, url, strict=False)
     n = len(dst.state_dict())
     assert report == (f"loaded {n - 2}/{n} tensors from {url}; missing: none; unexpected: extra.weight; "
-                      "skipped (shape): fc.weight (5, 4)→(3, 4), fc.bias (5,)→(3,)")
+                      "skipped (shape): fc.weight (5, 4)→(3, 4), fc.bias (5,)→(3,); format: state_dict")
     assert torch.equal(dst.fc.weight, fc_before)
     assert torch.equal(dst.features[0].weight, src.features[0].weight)
 
@@ -130,7 +133,7 @@ def test_non_strict_missing_report(root):
     url = put(f"{root}/nofc.safetensors", safetensors.torch.save(sd))
     n = len(net().state_dict())
     assert load_pretrained(net(), url, strict=False) == (
-        f"loaded {n - 2}/{n} tensors from {url}; missing: fc.weight, fc.bias; unexpected: none")
+        f"loaded {n - 2}/{n} tensors from {url}; missing: fc.weight, fc.bias; unexpected: none; format: safetensors")
 
 
 def test_unreadable_url_and_garbage(root):
@@ -152,6 +155,7 @@ def test_whole_model_pickle_refused_unless_trusted(root):
     msg = str(err.value)
     assert "pickled Python object" in msg and "arbitrary code" in msg
     assert "torch.save(model.state_dict(), path)" in msg and "\n" not in msg
+    assert "model.trust_pickle: true" in msg and "trust_pickle=True" not in msg
     dst = net(seed=2)
     load_pretrained(dst, url, trust_pickle=True)
     assert same_weights(dst, src)

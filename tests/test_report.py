@@ -225,7 +225,7 @@ def test_plot_without_matplotlib_names_the_extra(run_dir, monkeypatch, capsys):
     write_metrics(run_dir)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra sees
     assert main(["plot", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip() == "runner: error: runner plot needs matplotlib: pip install 'runner[plot]'"
+    assert capsys.readouterr().err.strip() == "runner: error: runner plot needs matplotlib: pip install 'runner-train[plot]'"
 
 
 # --- a real run through a SIGTERM and a SIGKILL ---------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from helpers import write_job
 from runner import cli
 
-pytest.importorskip("tensorboard", reason="pip install 'runner[tensorboard]'")
+pytest.importorskip("tensorboard", reason="pip install 'runner-train[tensorboard]'")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 JOB = {
@@ -79,5 +79,5 @@ def test_missing_package_is_one_line_before_training(tmp_path, monkeypatch, caps
     assert cli.main(["train", str(job)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("runner: error: ") and \
-        "pip install 'runner[tensorboard]'" in err and "metrics.tensorboard" in err, err
+        "pip install 'runner-train[tensorboard]'" in err and "metrics.tensorboard" in err, err
     assert not (tmp_path / "tb").exists()  # nothing started: no checkpoint, no metrics, no events
