@@ -84,6 +84,7 @@ class Checkpointer:
         self.last_committed: int | None = None
         self.writer: threading.Thread | None = None
         self.write_ok, self.written_bytes = True, 0
+        self.last_save_s: float | None = None  # rank 0: blocked + write seconds of the last committed save
         self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
         self._verified: bytes | None = None
@@ -313,8 +314,11 @@ class Checkpointer:
         try:
             self._commit(staged, meta, emergency)
         finally:
+            write_s = time.perf_counter() - t0
+            if self.write_ok:
+                self.last_save_s = blocked_s + write_s
             self.events.emit("checkpoint", step=meta["step"], bytes=self.written_bytes, blocked_s=blocked_s,
-                             write_s=time.perf_counter() - t0, committed=self.write_ok, emergency=emergency)
+                             write_s=write_s, committed=self.write_ok, emergency=emergency)
 
     def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRIES

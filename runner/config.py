@@ -180,6 +180,12 @@ class PreemptionConfig:
     """Seconds from a stop signal to the committed emergency checkpoint (exit 3 if not); below torchrun's 30 s."""
     extra_signal: Optional[str] = "SIGUSR1"
     """Another signal that requests a checkpoint-and-stop (SLURM's --signal), besides SIGTERM/SIGINT."""
+    notice: Literal["auto", "aws", "gcp", "azure", "off"] = "auto"
+    """Watch the cloud's preemption notice (auto: only where DMI strings or metadata_url say which cloud)."""
+    notice_poll_s: float = 5.0
+    """Seconds between polls of the metadata service (GCP long-polls instead)."""
+    metadata_url: Optional[str] = None
+    """Metadata service base URL (default: the provider's); the RUNNER_METADATA_URL environment variable wins."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,8 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     """Values that are well-typed but cannot work, caught before anything runs."""
     positive = {"data.batch_size": cfg.data.batch_size, "train.accumulate": cfg.train.accumulate,
                 "train.max_epochs": cfg.train.max_epochs, "dist.timeout_s": cfg.dist.timeout_s,
-                "checkpoint.lease_ttl_s": cfg.checkpoint.lease_ttl_s, "train.log_every_steps": cfg.train.log_every_steps}
+                "checkpoint.lease_ttl_s": cfg.checkpoint.lease_ttl_s, "train.log_every_steps": cfg.train.log_every_steps,
+                "preemption.notice_poll_s": cfg.preemption.notice_poll_s}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source}: '{key}' must be positive, got {value}")
@@ -386,6 +393,8 @@ def convert(hint, value, source, key: str):
     if dataclasses.is_dataclass(hint):
         return build(hint, value, source, key + ".")
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads an unquoted `off` as false
+            value = "off"
         if str(value) not in [str(a) for a in args]:
             raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {', '.join(map(str, args))}")
         return str(value)

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, dist, finetune, preemption
+from . import __version__, dist, finetune, notices, preemption
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_yaml
 from .data import SeededDataset, ShardedSampler, make_loader
@@ -25,7 +26,7 @@ from .errors import ConfigError, RunnerError
 from .events import EVENTS, EventLog
 from .faults import count_host_syncs, dump_weights, inject_fault
 from .job import Job, build_job
-from .metrics import ProgressBar, StepRecord, format_epoch, log, write_history
+from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
 from .state import TrainState
 from .tensorboard import TensorBoard
 
@@ -40,6 +41,8 @@ class Launch:
     events: EventLog
     tensorboard: TensorBoard
     agreement: preemption.StopAgreement | None = None
+    ckpt: Checkpointer | None = None
+    watcher: notices.NoticeWatcher | None = None
 
 
 def train(cfg: RunConfig) -> int:
@@ -55,10 +58,11 @@ def train(cfg: RunConfig) -> int:
     dist.set_deterministic(env.device, cfg.train.deterministic)
     count_host_syncs(env.rank)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
+    launch.watcher = watch_notices(cfg, launch)
     ckpt, status = None, 1
     try:
         job = build_job(cfg, env)
-        ckpt = Checkpointer(cfg, env, launch.events)
+        ckpt = launch.ckpt = Checkpointer(cfg, env, launch.events)
         status = run(job, ckpt, launch)
         return status
     except RunnerError as e:
@@ -72,6 +76,8 @@ def train(cfg: RunConfig) -> int:
         launch.events.timers.switch("other")
         launch.events.emit("exit", status=status, step=launch.events.step)
         launch.events.close()
+        if launch.watcher is not None:
+            launch.watcher.stop(timeout=0)
         preemption.uninstall(handlers)
         dist.teardown()
 
@@ -99,7 +105,12 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         outcome = train_epoch(job, ckpt, launch, loader, state)
         if outcome == PREEMPTED:
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
-            return ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
+            status = ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
+            notice = launch.watcher.notice if launch.watcher is not None else None
+            if notice is not None and status == preemption.PREEMPTED_EXIT:  # committed: the VM may go now
+                launch.watcher.provider.acknowledge(notice)
+                launch.events.emit("notice_acknowledged", provider=notice.provider, event_id=notice.event_id)
+            return status
         stop_early = end_epoch(job, state, launch.events, complete=outcome == EPOCH_END)
         launch.tensorboard.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
@@ -115,6 +126,34 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     dump_weights(job.model, env)
     log(f"done: {state.step} steps, {state.epoch} epochs", env)
     return status
+
+
+def watch_notices(cfg: RunConfig, launch: Launch) -> notices.NoticeWatcher | None:
+    """Local rank 0 of every node watches its cloud's preemption notice on a thread (off-cloud nothing is sent:
+    notices.detect decides from local evidence). A notice takes the signal's path: all ranks stop at the same
+    step, commit it and exit 75."""
+    p = cfg.preemption
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    provider = notices.detect(p.notice, notices.resolve_metadata_url(p.metadata_url), poll_s=p.notice_poll_s)
+    if provider is None:
+        return None
+    log(f"watching {provider.name} preemption notices at {provider.base}")
+
+    def on_notice(notice: notices.Notice) -> None:
+        left = notice.seconds_left()
+        warn(f"{notice.describe()}: committing the step reached and stopping")
+        last = launch.ckpt.last_save_s if launch.ckpt is not None else None
+        if last is not None and last > left:
+            warn(f"the last checkpoint took {last:.1f}s, more than the {left:.0f}s left before the deadline: the "
+                 "emergency checkpoint may not be committed in time")
+        launch.events.emit("notice", provider=notice.provider, action=notice.action, deadline=notice.deadline,
+                           event_id=notice.event_id)
+        preemption.request_stop(f"{notice.provider} preemption notice", notice.monotonic_deadline())
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun restarts workers that exit 75 unless it is stopped too
+            os.kill(os.getppid(), signal.SIGTERM)  # the agent forwards it to every local worker, and does not restart
+
+    return notices.NoticeWatcher(provider, on_notice, p.notice_poll_s).start()
 
 
 def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: TrainState) -> str:

@@ -10,6 +10,7 @@ C-level handler also wakes a watchdog thread (signal.set_wakeup_fd): if the proc
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -30,6 +31,8 @@ WATCHDOG_MARGIN_S = 2.0  # the loop's own grace accounting ends first and says w
 _requested: str | None = None
 _since: float | None = None  # time.monotonic() when the first stop signal arrived
 _agreed: float | None = None  # the deadline all ranks agreed on (set_deadline), which replaces grace-from-signal
+_notice: float | None = None  # a cloud notice's deadline (request_stop), which replaces grace-from-signal
+_wakeup_w: int | None = None  # the watchdog's wakeup pipe, so a notice arms it as a signal does
 
 
 @dataclass
@@ -42,8 +45,8 @@ class Installed:
 def install(extra_signal: str | None, grace_s: float | None = None) -> Installed:
     """Catch SIGTERM, SIGINT and the configured extra signal (default SIGUSR1); with `grace_s`, start the
     watchdog that ends the process if it is still running that long after a stop signal."""
-    global _requested, _since, _agreed
-    _requested, _since, _agreed = None, None, None
+    global _requested, _since, _agreed, _notice, _wakeup_w
+    _requested, _since, _agreed, _notice = None, None, None, None
     names = ["SIGTERM", "SIGINT"] + ([extra_signal] if extra_signal else [])
     sigs = [getattr(signal, name, None) for name in names]
     for name, sig in zip(names, sigs):
@@ -54,12 +57,15 @@ def install(extra_signal: str | None, grace_s: float | None = None) -> Installed
         pipe_r, installed.pipe_w = os.pipe()
         os.set_blocking(installed.pipe_w, False)
         installed.wakeup_fd = signal.set_wakeup_fd(installed.pipe_w)
+        _wakeup_w = installed.pipe_w
         threading.Thread(target=_watchdog, args=(pipe_r, {int(s) for s in sigs}, grace_s), daemon=True,
                          name="runner-preemption-watchdog").start()
     return installed
 
 
 def uninstall(installed: Installed) -> None:
+    global _wakeup_w
+    _wakeup_w = None
     for sig, handler in installed.handlers.items():
         signal.signal(sig, handler)
     if installed.pipe_w is not None:
@@ -79,6 +85,19 @@ def _mark_time() -> None:
         _since = time.monotonic()
 
 
+def request_stop(reason: str, deadline_at: float) -> None:
+    """A stop that is not a signal — a cloud preemption notice — taking the signal's path: the loop agrees on it,
+    commits the step reached and exits 75. `deadline_at` (time.monotonic()) is the notice's, not grace_s."""
+    global _requested, _notice
+    _mark_time()
+    _notice = deadline_at
+    if _requested is None:
+        _requested = reason
+    if _wakeup_w is not None:
+        with contextlib.suppress(OSError):
+            os.write(_wakeup_w, bytes([signal.SIGTERM]))  # the watchdog arms as for a signal
+
+
 def requested() -> str | None:
     """Name of the stop signal received by this process, if any."""
     return _requested
@@ -89,6 +108,8 @@ def deadline(grace_s: float) -> float:
     after the signal (or from now, when the stop was agreed because another rank got it)."""
     if _agreed is not None:
         return _agreed
+    if _notice is not None:
+        return _notice
     return (_since if _since is not None else time.monotonic()) + grace_s
 
 

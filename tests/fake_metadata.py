@@ -119,7 +119,10 @@ class AzureHandler(Handler):
             return self.reply(200, "vm-a")
         if url.path != "/metadata/scheduledevents" or "api-version" not in parse_qs(url.query):
             return self.reply(404)
-        events = [self.OTHER_VM] + ([self.EVENT] if self.server.notice else [])
+        event = self.EVENT
+        if self.server.notice_time is not None:
+            event = {**event, "NotBefore": email.utils.format_datetime(self.server.notice_time, usegmt=True)}
+        events = [self.OTHER_VM] + ([event] if self.server.notice else [])
         self.reply(200, json.dumps({"DocumentIncarnation": 1 + self.server.notice, "Events": events}))
 
     def do_POST(self) -> None:

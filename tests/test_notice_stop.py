@@ -1,0 +1,107 @@
+"""A cloud preemption notice stops a real run like SIGTERM (issue 12): all ranks stop at the same step, the step
+reached is committed, exit 75 — and under torchrun --max-restarts the launch ends instead of restarting into a VM
+about to go. Fake metadata servers on 127.0.0.1 only (tests/fake_metadata.py); nothing leaves this machine."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from fake_metadata import AwsHandler, AzureHandler, serve
+from fault_helpers import text, wait_until
+from helpers import assert_tensors_equal, launched, newest_state, ok, run_torchrun, runner_cmd, torchrun_cmd, write_job
+
+pytestmark = pytest.mark.slow
+
+JOB = {
+    "model": {"name": "mlp", "args": {"hidden": [32]}},
+    "data": {"name": "synthetic", "args": {"size": 512, "val_size": 64}, "batch_size": 16, "num_workers": 1},
+    "optim": {"name": "AdamW", "lr": 0.01},
+    "train": {"max_epochs": 3, "seed": 0, "progress": "plain"},
+    "checkpoint": {"every_steps": 5},
+    "preemption": {"notice_poll_s": 0.2},
+    "dist": {"timeout_s": 60},
+}
+
+
+@pytest.fixture
+def aws():
+    server = serve(AwsHandler)
+    yield server
+    server.shutdown()
+
+
+def notice_in(server, seconds: float) -> None:
+    server.notice_time = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    server.turn_on()
+
+
+def test_aws_notice_stops_every_rank_once_under_max_restarts_and_resumes_bit_exact(tmp_path, aws):
+    reference = write_job(tmp_path, "ref", base=JOB)
+    ok(run_torchrun("train", reference, nproc=2))
+    job = write_job(tmp_path, "job", base=JOB, preemption={"notice": "aws"})
+    log = tmp_path / "first.txt"
+    cmd = torchrun_cmd("train", job, nproc=2, max_restarts=3)
+    with launched(cmd, log, RUNNER_METADATA_URL=aws.url, RUNNER_TEST_SLOW_COMMIT_S=0.3) as agent:
+        wait_until(lambda: "checkpoint step 5 committed" in text(log), "a first checkpoint", agent, log)
+        notice_in(aws, 120)  # AWS's two-minute warning
+        assert agent.wait(120) != 0  # torchrun reports the workers' 75 as a failure, and does not restart
+    out = text(log)
+    assert "aws preemption notice" in out or "SIGTERM: saving step" in out, out[-3000:]
+    committed = re.findall(r"preempted: step (\d+) committed", out)
+    assert len(committed) == 1, out[-3000:]
+    assert out.count("fresh start") == 1 and "resuming from" not in out  # the launch ended: no restart
+    assert "watching aws preemption notices" in out and "terminate" in out
+    second = ok(run_torchrun("train", job, "preemption.notice=off", nproc=2))
+    assert f"step {committed[0]}" in second and "0 step(s) lost" in second
+    got, _ = newest_state(tmp_path / "job" / "checkpoints")
+    want, _ = newest_state(tmp_path / "ref" / "checkpoints")
+    for section in ("model", "optimizer"):
+        assert_tensors_equal(got[section], want[section], section)
+
+
+@pytest.mark.parametrize("seconds, slow_commit, status", [(10, 0.5, 75), (2, 3, 3)])
+def test_the_notice_deadline_is_the_deadline_and_a_save_that_cannot_fit_is_reported(tmp_path, aws, seconds,
+                                                                                    slow_commit, status):
+    """AWS gives a time: 10 s out the emergency checkpoint is committed before it; 2 s out, with saves taking
+    3 s, the notice says at once that the save may not fit, and the run ends with status 3."""
+    job = write_job(tmp_path, "job", base=JOB, preemption={"notice": "aws"})
+    log = tmp_path / "run.txt"
+    with launched(runner_cmd("train", job), log, RUNNER_METADATA_URL=aws.url,
+                  RUNNER_TEST_SLOW_COMMIT_S=slow_commit) as proc:
+        wait_until(lambda: "checkpoint step 5 committed" in text(log), "a first checkpoint", proc, log)
+        notice_in(aws, seconds)
+        deadline = aws.notice_time.timestamp()
+        assert proc.wait(120) == status, text(log)[-3000:]
+    out = text(log)
+    late = "more than the" in out and "left before the deadline" in out
+    assert late == (status == 3), out[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "job" / "events.jsonl").read_text().splitlines()]
+    [notice] = [e for e in events if e["event"] == "notice"]
+    assert notice["provider"] == "aws" and notice["deadline"] == pytest.approx(deadline, abs=1)
+    if status == 75:
+        [emergency] = [e for e in events if e["event"] == "checkpoint" and e["emergency"]]
+        assert emergency["committed"] and emergency["time"] < deadline
+
+
+def test_azure_notice_is_acknowledged_only_after_the_commit(tmp_path):
+    azure = serve(AzureHandler)
+    try:
+        job = write_job(tmp_path, "job", base=JOB, preemption={"notice": "azure"})
+        log = tmp_path / "run.txt"
+        with launched(runner_cmd("train", job), log, RUNNER_METADATA_URL=azure.url,
+                      RUNNER_TEST_SLOW_COMMIT_S=1) as proc:
+            wait_until(lambda: "checkpoint step 5 committed" in text(log), "a first checkpoint", proc, log)
+            notice_in(azure, 60)
+            wait_until(lambda: "saving step" in text(log), "the emergency save starting", proc, log)
+            assert azure.acknowledged == []  # not while the emergency checkpoint is being written
+            assert proc.wait(120) == 75, text(log)[-3000:]
+        out = text(log)
+        step = re.findall(r"preempted: step (\d+) committed", out)
+        assert step and azure.acknowledged == [{"StartRequests": [{"EventId": AzureHandler.EVENT["EventId"]}]}]
+        _, manifest = newest_state(tmp_path / "job" / "checkpoints")
+        assert manifest["step"] == int(step[0])
+    finally:
+        azure.shutdown()
