@@ -55,7 +55,10 @@ from runner.dist import DistEnv  # noqa: E402
 from runner.state import Staging, TrainState, capture, load_bytes, serialize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "checkpoint.json"
-ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+# RUNNER_BENCH_DEVICE=cuda (benchmarks/gpu.sh): the state lives on the GPU, so a save copies it into pinned host
+# buffers; the step loop of the in-flight measurement stays on the CPU.
+DEVICE = torch.device(os.environ.get("RUNNER_BENCH_DEVICE", "cpu"))
+ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
 SIZES_M = (10, 50)
 ROUNDS = 5             # interleaved rounds of each in-process measurement; the best counts
 ROUNDS_FAST = 10       # for the sub-second copies, which this shared machine's noise swamps otherwise
@@ -70,9 +73,9 @@ MB = 2**20
 def model_of(params_millions: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     width = 1024
     layers = max(1, round(params_millions * 1e6 / (width * width)))
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, width)).sum().backward()
+    model(torch.randn(2, width, device=DEVICE)).sum().backward()
     optimizer.step()  # AdamW state (2 tensors per parameter) is part of every real checkpoint
     return model, optimizer
 
@@ -88,7 +91,7 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
 
 
 def save_fn(model, optimizer) -> Callable[[Staging], dict]:
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=False)
     return lambda staging: capture(model, optimizer, None, scaler, TrainState(), ENV, staging)
 
 
@@ -123,11 +126,18 @@ def bench_blocked(model, optimizer) -> dict:
     save, tensors = save_fn(model, optimizer), state_tensors(model, optimizer)
     reused = Staging(reuse=True)
     save(reused)  # the first save allocates the buffers it then keeps: see first_save
-    buffers = [torch.empty_like(t) for t in tensors]
+    cuda = DEVICE.type == "cuda"
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda) for t in tensors]
+
+    def copy_into():
+        [b.copy_(t, non_blocking=cuda) for b, t in zip(buffers, tensors)]
+        if cuda:
+            torch.cuda.synchronize()
+
     best = best_interleaved({
-        "copy_into_s": lambda: [b.copy_(t) for b, t in zip(buffers, tensors)],
+        "copy_into_s": copy_into,
         "capture_reuse_s": lambda: save(reused),
-        "clone_s": lambda: [t.clone() for t in tensors],
+        "clone_s": lambda: [t.to("cpu", copy=True) for t in tensors],
         "capture_no_reuse_s": lambda: save(Staging(reuse=False)),
     }, repeats=ROUNDS_FAST)
     return {**{k: round(v, 4) for k, v in best.items()},

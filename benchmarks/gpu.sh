@@ -33,4 +33,4 @@ YAML
     echo "runner resnet18, $n GPU(s), 2048 samples (batch 64 per GPU): $(python -c "print(f'{$(date +%s.%N) - $start:.1f}')") s"
   done
 fi
-python benchmarks/checkpoint_bench.py --device cuda
+RUNNER_BENCH_DEVICE=cuda python benchmarks/checkpoint_bench.py
