@@ -10,7 +10,7 @@ stop="" child=""
 trap 'stop=1; kill -TERM "$child" 2>/dev/null' TERM INT  # shutdown: forward, let the job save, don't relaunch
 tries=0
 while :; do
-  torchrun --standalone --nproc-per-node="${NPROC:-gpu}" --max-restarts="${MAX_RESTARTS:-3}" \
+  torchrun --standalone --nproc-per-node="${NPROC:-gpu}" --max-restarts="${MAX_RESTARTS:-3}" --shutdown-timeout=40 \
     -m runner train "$@" &
   child=$!
   wait "$child"; status=$?

@@ -11,6 +11,6 @@ set -euo pipefail
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a fresh rendezvous store for each restart; with torch's shared store
 # a restarted group can read the old group's addresses and fail to connect (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec torchrun --nnodes="$NNODES" --nproc-per-node="${NPROC:-gpu}" --max-restarts="${MAX_RESTARTS:-3}" \
+exec torchrun --nnodes="$NNODES" --nproc-per-node="${NPROC:-gpu}" --max-restarts="${MAX_RESTARTS:-3}" --shutdown-timeout=40 \
   --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-runner}" \
   -m runner train "$@"
