@@ -150,10 +150,16 @@ def watch_notices(cfg: RunConfig, launch: Launch) -> notices.NoticeWatcher | Non
         launch.events.emit("notice", provider=notice.provider, action=notice.action, deadline=notice.deadline,
                            event_id=notice.event_id)
         preemption.request_stop(f"{notice.provider} preemption notice", notice.monotonic_deadline())
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun restarts workers that exit 75 unless it is stopped too
-            os.kill(os.getppid(), signal.SIGTERM)  # the agent forwards it to every local worker, and does not restart
+        stop_launcher()
 
     return notices.NoticeWatcher(provider, on_notice, p.notice_poll_s).start()
+
+
+def stop_launcher() -> None:
+    """Under torchrun, local rank 0 sends SIGTERM to its agent: the agent forwards it to every local worker and does
+    not restart them (workers exiting 75 without it would be restarted by --max-restarts, on a VM about to go)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: TrainState) -> str:
@@ -195,6 +201,8 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
         if decision.broken:
             ckpt.raise_broken()
         if decision.stop:
+            if decision.final:
+                stop_launcher()  # every node's agent, not only the one whose VM got the notice
             launch.agreement.settle()
             bar.close()
             return PREEMPTED

@@ -151,6 +151,7 @@ class Decision:
     stop: bool = False      # a stop signal on some rank: commit the step reached and exit
     save_now: bool = False  # the wall-time cadence is due on some rank
     broken: bool = False    # saving cannot work any more on rank 0 (fenced out, a permanent storage fault)
+    final: bool = False     # the stop comes from a cloud notice: no launcher may restart this launch
 
 
 class StopAgreement:
@@ -169,10 +170,11 @@ class StopAgreement:
         self.pending = None  # (work, flags tensor) of the last step
 
     def after_step(self, stop: bool, save_now: bool, broken: bool, settle: bool = False) -> Decision:
+        final = _notice is not None
         if self.group is None:
-            return Decision(stop, save_now, broken)
+            return Decision(stop, save_now, broken, final)
         agreed = self._finish()
-        flags = torch.tensor([stop, save_now, broken], dtype=torch.int32)
+        flags = torch.tensor([stop, save_now, broken, final], dtype=torch.int32)
         self.pending = (tdist.all_reduce(flags, tdist.ReduceOp.MAX, group=self.group, async_op=True), flags)
         return _either(agreed, self._finish()) if settle else agreed
 
@@ -201,4 +203,4 @@ class StopAgreement:
 
 
 def _either(a: Decision, b: Decision) -> Decision:
-    return Decision(a.stop or b.stop, a.save_now or b.save_now, a.broken or b.broken)
+    return Decision(a.stop or b.stop, a.save_now or b.save_now, a.broken or b.broken, a.final or b.final)

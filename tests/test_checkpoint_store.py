@@ -265,7 +265,7 @@ def test_unknown_protocol_is_a_checkpoint_error():
 def test_missing_backend_names_the_pip_extra(monkeypatch, proto, module, extra):
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, proto, raising=False)
     monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
-    with pytest.raises(CheckpointError, match=rf"{proto}://bucket/ckpt.*pip install 'runner\[{extra}\]'"):
+    with pytest.raises(CheckpointError, match=rf"{proto}://bucket/ckpt.*pip install 'runner-train\[{extra}\]'"):
         CheckpointStore(f"{proto}://bucket/ckpt")
 
 
