@@ -11,7 +11,8 @@ import pytest
 
 from fake_metadata import AwsHandler, AzureHandler, serve
 from fault_helpers import text, wait_until
-from helpers import assert_tensors_equal, launched, newest_state, ok, run_torchrun, runner_cmd, torchrun_cmd, write_job
+from helpers import (assert_tensors_equal, free_port, launched, newest_state, ok, run_torchrun, runner_cmd,
+                     torchrun_cmd, write_job)
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +106,33 @@ def test_azure_notice_is_acknowledged_only_after_the_commit(tmp_path):
         assert manifest["step"] == int(step[0])
     finally:
         azure.shutdown()
+
+
+def test_a_notice_on_one_node_stops_both_nodes_at_the_same_step_without_restarts(tmp_path, aws):
+    """Two torchrun agents (--nnodes=2, --max-restarts=3) on loopback; only the second node's metadata service
+    gives the notice (RUNNER_METADATA_URL is per node). Both nodes stop at the same step, it is committed, and
+    neither agent restarts its worker."""
+    import socket
+
+    job = write_job(tmp_path, "job", base=JOB, preemption={"notice": "aws"})
+    port = free_port()
+    extra = ("--nnodes=2", f"--rdzv-id=notice-{port}")
+    logs = [tmp_path / "node0.txt", tmp_path / "node1.txt"]
+    # node 0 watches a metadata URL nobody answers (refused at once): no notice there
+    with launched(torchrun_cmd("train", job, nproc=1, port=port, max_restarts=3, extra=extra), logs[0],
+                  RUNNER_METADATA_URL=f"http://127.0.0.1:{free_port()}", RUNNER_TEST_SLOW_COMMIT_S=0.3) as node0:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_until(listening, "node 0 hosting the rendezvous store", node0, logs[0])
+        with launched(torchrun_cmd("train", job, nproc=1, port=port, max_restarts=3, extra=extra), logs[1],
+                      RUNNER_METADATA_URL=aws.url, RUNNER_TEST_SLOW_COMMIT_S=0.3) as node1:
+            wait_until(lambda: "checkpoint step 5 committed" in text(logs[0]), "a first checkpoint", node0, logs[0])
+            notice_in(aws, 120)
+            assert node0.wait(120) != 0 and node1.wait(120) != 0
+    out0, out1 = text(logs[0]), text(logs[1])
+    committed = re.findall(r"preempted: step (\d+) committed", out0)
+    assert len(committed) == 1 and "aws" in out1 and "terminate" in out1, out0[-2000:] + out1[-2000:]
+    assert out0.count("fresh start") == 1 and "resuming from" not in out0  # no restart on either node
+    _, manifest = newest_state(tmp_path / "job" / "checkpoints")
+    assert manifest["step"] == int(committed[0]) and manifest["world_size"] == 2
