@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import http.server
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import timeit
 import warnings
@@ -124,8 +126,9 @@ def raw_loop(workload: str, device: torch.device) -> None:
             optimizer.step()
 
 
-def runner_loop(workload: str, device: torch.device, tmp: Path) -> None:
-    """runner's public entry point on a job file, as `runner train job.yaml` runs it."""
+def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "off") -> None:
+    """runner's public entry point on a job file, as `runner train job.yaml` runs it. `notice`: "aws" polls a
+    fake metadata server on 127.0.0.1 (RUNNER_METADATA_URL) every 0.2 s, to measure the watcher's cost."""
     w = WORKLOADS[workload]
     job = tmp / "job.yaml"
     job.write_text(json.dumps({
@@ -134,6 +137,7 @@ def runner_loop(workload: str, device: torch.device, tmp: Path) -> None:
         "optim": {"name": "AdamW", "lr": LR},
         "train": {"max_epochs": w.epochs, "progress": "plain", "seed": SEED, "device": device.type},
         "checkpoint": {"every_epoch": False, "at_end": False},
+        "preemption": {"notice": notice, "notice_poll_s": 0.2},
         "out_dir": str(tmp / "out"),
     }))
     with contextlib.redirect_stdout(io.StringIO()):  # its per-epoch lines would break up the table
@@ -189,10 +193,43 @@ def timed(run, device: torch.device) -> dict:
     return {"total_s": total, "steps_s": FORWARDS[-1] - FORWARDS[0], "forwards": len(FORWARDS)}
 
 
+class NoNotice(http.server.BaseHTTPRequestHandler):
+    """A fake AWS metadata service on 127.0.0.1: a token for PUT, 404 (no notice) for every GET."""
+
+    def do_PUT(self) -> None:
+        self._reply(200, b"token")
+
+    def do_GET(self) -> None:
+        self._reply(404, b"")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_metadata():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoNotice)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ["RUNNER_METADATA_URL"] = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield
+    finally:
+        del os.environ["RUNNER_METADATA_URL"]
+        server.shutdown()
+
+
 def compare(workload: str, repeats: int, device: torch.device, with_lightning: bool, tmp: Path) -> dict:
     w = WORKLOADS[workload]
     loops = {"raw": lambda: raw_loop(workload, device),
              "runner": lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)))}
+    if workload == "mlp":  # where a per-step cost shows most: the notice watcher polling every 0.2 s
+        loops["runner+notice"] = lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)), "aws")
     if with_lightning:
         loops["lightning"] = lambda: lightning_loop(workload, device)
     runs: dict[str, list[dict]] = {name: [] for name in loops}
@@ -235,10 +272,10 @@ def seeding_cost(repeats: int = 15) -> dict:
 
 
 def print_table(results: list[dict], seeding: dict) -> None:
-    print(f"\n{'workload':<20} {'loop':<10} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8}")
+    print(f"\n{'workload':<20} {'loop':<13} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8}")
     for r in results:
         for name, b in r["results"].items():
-            print(f"{r['workload']:<20} {name:<10} {b['total_s']:>8.3f} {b['total_ratio']:>6.2f} "
+            print(f"{r['workload']:<20} {name:<13} {b['total_s']:>8.3f} {b['total_ratio']:>6.2f} "
                   f"{b['steps_s']:>8.3f} {b['steps_ratio']:>6.2f} {b['ms_per_step']:>8.3f}")
     print("\nrunner beyond the raw loop (checkpoints off):\n  - " + "\n  - ".join(RUNNER_EXTRAS))
     print("\nper-sample seeding, µs over a direct fetch (before: python+numpy+torch; after: what it declares)")
@@ -256,7 +293,7 @@ def main() -> None:
     torch.set_num_threads(1)
     device = torch.device(args.device)
     with_lightning = lightning_available()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, fake_metadata():
         results = [compare(name, args.repeats, device, with_lightning, Path(tmp))
                    for name in args.workloads.split(",")]
     seeding = seeding_cost()
