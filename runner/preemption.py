@@ -76,7 +76,8 @@ def uninstall(installed: Installed) -> None:
 def _record(signum, _frame) -> None:
     global _requested
     _mark_time()
-    _requested = signal.Signals(signum).name
+    if _requested is None:  # the first reason is the one reported (a notice, then torchrun's forwarded SIGTERM)
+        _requested = signal.Signals(signum).name
 
 
 def _mark_time() -> None:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from fake_metadata import AwsHandler, AzureHandler, serve
+from fake_metadata import AwsHandler, AzureHandler, GcpHandler, serve
 from fault_helpers import text, wait_until
 from helpers import (assert_tensors_equal, free_port, launched, newest_state, ok, run_torchrun, runner_cmd,
                      torchrun_cmd, write_job)
@@ -39,26 +39,37 @@ def notice_in(server, seconds: float) -> None:
     server.turn_on()
 
 
-def test_aws_notice_stops_every_rank_once_under_max_restarts_and_resumes_bit_exact(tmp_path, aws):
-    reference = write_job(tmp_path, "ref", base=JOB)
-    ok(run_torchrun("train", reference, nproc=2))
-    job = write_job(tmp_path, "job", base=JOB, preemption={"notice": "aws"})
-    log = tmp_path / "first.txt"
-    cmd = torchrun_cmd("train", job, nproc=2, max_restarts=3)
-    with launched(cmd, log, RUNNER_METADATA_URL=aws.url, RUNNER_TEST_SLOW_COMMIT_S=0.3) as agent:
-        wait_until(lambda: "checkpoint step 5 committed" in text(log), "a first checkpoint", agent, log)
-        notice_in(aws, 120)  # AWS's two-minute warning
-        assert agent.wait(120) != 0  # torchrun reports the workers' 75 as a failure, and does not restart
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2-rank run."""
+    folder = tmp_path_factory.mktemp("reference")
+    ok(run_torchrun("train", write_job(folder, "ref", base=JOB), nproc=2))
+    return folder / "ref" / "checkpoints"
+
+
+@pytest.mark.parametrize("provider, handler", [("aws", AwsHandler), ("gcp", GcpHandler), ("azure", AzureHandler)])
+def test_a_notice_stops_every_rank_once_under_max_restarts_and_resumes_bit_exact(tmp_path, reference, provider,
+                                                                                 handler):
+    server = serve(handler)
+    try:
+        job = write_job(tmp_path, "job", base=JOB, preemption={"notice": provider})
+        log = tmp_path / "first.txt"
+        cmd = torchrun_cmd("train", job, nproc=2, max_restarts=3)
+        with launched(cmd, log, RUNNER_METADATA_URL=server.url, RUNNER_TEST_SLOW_COMMIT_S=0.3) as agent:
+            wait_until(lambda: "checkpoint step 5 committed" in text(log), "a first checkpoint", agent, log)
+            notice_in(server, 120)  # AWS's two-minute warning (GCP's window is 30 s)
+            assert agent.wait(120) != 0  # torchrun reports the workers' 75 as a failure, and does not restart
+    finally:
+        server.shutdown()
     out = text(log)
-    assert "aws preemption notice" in out or "SIGTERM: saving step" in out, out[-3000:]
     committed = re.findall(r"preempted: step (\d+) committed", out)
     assert len(committed) == 1, out[-3000:]
     assert out.count("fresh start") == 1 and "resuming from" not in out  # the launch ended: no restart
-    assert "watching aws preemption notices" in out and "terminate" in out
+    assert f"watching {provider} preemption notices" in out and f"{provider} preemption notice" in out
     second = ok(run_torchrun("train", job, "preemption.notice=off", nproc=2))
     assert f"step {committed[0]}" in second and "0 step(s) lost" in second
     got, _ = newest_state(tmp_path / "job" / "checkpoints")
-    want, _ = newest_state(tmp_path / "ref" / "checkpoints")
+    want, _ = newest_state(reference)
     for section in ("model", "optimizer"):
         assert_tensors_equal(got[section], want[section], section)
 
