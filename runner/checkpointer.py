@@ -87,8 +87,8 @@ class Checkpointer:
         self.last_save_s: float | None = None  # rank 0: blocked + write seconds of the last committed save
         self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
-        self._verified: bytes | None = None
-        self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # rank 0: the chosen checkpoint's bytes, read (and checked) once
+        self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
+        self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # host copies of the state, reused per save
 
     # --- start --------------------------------------------------------------------------------------------
 
