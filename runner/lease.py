@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 
-from runner.checkpoint import storage_errors
+from runner.storage_faults import one_line, storage_errors
 from runner.errors import CheckpointError
 from runner.metrics import log, warn
 
@@ -187,8 +187,7 @@ class Lease:
             try:
                 renewed = self.renew()
             except Exception as err:  # e.g. botocore's connection errors are not OSErrors; the next beat retries
-                detail = " ".join(f"{type(err).__name__}: {err}".split())
-                warn(f"lease heartbeat on {self.url} failed ({detail}); retrying")
+                warn(f"lease heartbeat on {self.url} failed ({one_line(err)}); retrying")
                 continue
             if not renewed:
                 self.lost = True
