@@ -299,6 +299,14 @@ class Checkpointer:
             "runner_version": __version__, "torch_version": torch.__version__,
         }
 
+    def before_fork(self) -> None:
+        """Let a write in flight finish before DataLoader workers are forked: a fork copies only the forking
+        thread, so a lock the writer thread holds at that moment (torch.save's, stdout's) stays locked forever in
+        the worker, which then hangs (seen at an epoch end's validation loader in the chaos test)."""
+        if self.writer is not None:
+            with self.events.timers.during("stall"):
+                self.wait()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Finish the pending write; False if it failed or did not finish within `timeout` seconds."""
         if self.writer is None:

@@ -111,6 +111,8 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
                 launch.watcher.provider.acknowledge(notice)
                 launch.events.emit("notice_acknowledged", provider=notice.provider, event_id=notice.event_id)
             return status
+        if cfg.data.num_workers and job.data.val is not None:
+            ckpt.before_fork()  # the validation loader forks its workers too
         stop_early = end_epoch(job, state, launch.events, complete=outcome == EPOCH_END)
         launch.tensorboard.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
@@ -174,6 +176,8 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
         return MAX_STEPS
     done = state.sample_in_epoch // (cfg.data.batch_size * env.world_size)
     bar = ProgressBar(show_bar(cfg, env), done + batches, state.epoch, cfg.train.max_epochs, done)
+    if cfg.data.num_workers:
+        ckpt.before_fork()
     for index, (x, y) in enumerate(loader):
         # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
         group_start = index - index % job.accumulate
