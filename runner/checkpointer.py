@@ -130,16 +130,12 @@ class Checkpointer:
         return (f"rank {self.env.rank} cannot see {self.url} as rank 0 wrote it: checkpoint.dir must be storage "
                 "every node reads (an object store or a shared filesystem)")
 
-    def _started_by(self) -> str:
-        mode = self.cfg.resume.mode
-        if mode in ("auto", "never"):
-            return mode
-        store, info = open_checkpoint(mode, self.cfg.checkpoint.storage_options)
-        return info.url
-
     def _choose(self) -> Resume | Lineage:
         """Rank 0: the newest valid checkpoint of this directory's lineage, a pinned one, or a new lineage."""
-        started_by = self._started_by()
+        started_by, pinned = self.cfg.resume.mode, None
+        if started_by not in ("auto", "never"):  # a pinned checkpoint, named by its normalized URL
+            pinned = open_checkpoint(started_by, self.cfg.checkpoint.storage_options)
+            started_by = pinned[1].url
         found = self.store.read_latest(warn=warn)
         if found is not None:
             info, data = found
@@ -151,9 +147,9 @@ class Checkpointer:
                 f"{self.url} already holds run {lineage.run_id} (newest: {info.url}, step {info.step}); "
                 f"resume.mode={self.cfg.resume.mode} would start another run there. Continue it with "
                 "resume.mode=auto, or set checkpoint.dir to a new directory for a new run")
-        if started_by in ("auto", "never"):
+        if pinned is None:
             return Lineage(new_run_id(), started_by, None)
-        store, info = open_checkpoint(started_by, self.cfg.checkpoint.storage_options)
+        store, info = pinned
         if not info.valid:
             raise CheckpointError(f"resume.mode: {started_by} is not a valid checkpoint ({info.reason}); "
                                   "run `runner ckpt ls` to see valid ones")
