@@ -8,16 +8,16 @@ For MLPs of 10 M and 50 M parameters with their AdamW state:
 1. Blocked: what a save costs the training thread — `state.capture` into `Staging` buffers (kept from the
    second save on; the first save allocates them) — vs `copy_` of the same tensors into preallocated buffers
    (and the first save, or reuse off, vs `clone`). Target ≤ 1.5×.
-2. Write: the writer thread's work, `serialize` + `CheckpointStore.commit` to a local directory, in MB/s, vs
-   the disk: as many bytes written with os.write (8 MB chunks) + os.fsync to a file in the same directory.
-   Where the time goes: serialize, sha256 and write+fsync, each timed alone. Target ≥ 80 %. For comparison,
-   what runner does not do: one streamed pass, torch.save straight into the file, hashing each chunk on the way.
+2. Write: the writer thread's work, `CheckpointStore.commit` of state.pt streamed by `state.serialize`
+   (torch.save straight into the file, each chunk sha256-hashed on a second thread while it is written) to a
+   local directory, in MB/s, vs the disk: as many bytes written with os.write (8 MB chunks) + os.fsync to a
+   file in the same directory. Target ≥ 80 %. Next to it, the two-pass write runner did before (serialize to
+   bytes, then hash, then write), with its parts timed alone.
 3. In flight (50 M): mean step time of a small one-thread training loop while the state is written, vs
-   without; writer as a thread (runner today), as a thread doing only serialize or only commit (which part
-   holds the GIL), as a thread doing the streamed pass, and as a separate process that reads the staged
-   tensors from shared memory. Target ≤ 1.10×.
-4. Peak RSS during two saves of the 50 M state (capture, serialize, commit), each mode in a fresh process:
-   reuse on, reuse off, and reuse on with the streamed write.
+   without; writer as a thread (runner: lowered CPU priority), the same at normal priority, a thread doing the
+   old two-pass write, and a separate process that reads the staged tensors from shared memory. Target ≤ 1.10×.
+4. Peak RSS during two saves of the 50 M state, each mode in a fresh process: reuse on, reuse off, and reuse
+   on with the old two-pass write.
 5. Resume: `runner train` of a job with a 50 M MLP, from launch to its "world size" log line (printed just
    before the first step): resuming its ~577 MB checkpoint vs a cold start (resume.mode=never, empty dir);
    and, in this process, the parts of loading it (read + sha256 check, sha256 alone, torch.load).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -50,6 +51,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from runner.checkpoint import CheckpointStore  # noqa: E402
+from runner.checkpointer import yield_to_training  # noqa: E402
 from runner.data import ShardedSampler, make_loader  # noqa: E402
 from runner.dist import DistEnv  # noqa: E402
 from runner.state import Staging, TrainState, capture, load_bytes, serialize  # noqa: E402
@@ -178,63 +180,44 @@ def write_disk(path: str, size: int, chunk: bytes) -> None:
     os.unlink(path)
 
 
-class HashingFile:
-    """A file object for torch.save that hashes each chunk as it writes it: no bytes object of the whole state,
-    and hashlib and os.write release the GIL for large chunks."""
-
-    def __init__(self, fd: int):
-        self.fd, self.sha = fd, hashlib.sha256()
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self.sha.update(view)
-        written = 0
-        while written < len(view):
-            written += os.write(self.fd, view[written:])
-        return len(view)
-
-    def flush(self) -> None:
-        pass
+def state_payload(staged: dict) -> Callable:
+    """state.pt as the writer thread hands it to the store (Checkpointer._commit): torch.save streamed into
+    the file, each chunk hashed on a second thread while it is written."""
+    return lambda out: serialize(staged, out)
 
 
-def write_streamed(staged: dict, path: str) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    try:
-        out = HashingFile(fd)
-        torch.save(staged, out)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.unlink(path)
-    return out.sha.hexdigest()
+def to_bytes(staged: dict) -> bytes:
+    """What runner did before streaming: the whole state serialized into memory (torch's CRC32 on)."""
+    buf = io.BytesIO()
+    torch.save(staged, buf)
+    return buf.getvalue()
 
 
-def write_like_runner(staged: dict, store: CheckpointStore, step: int) -> float:
-    """What the writer thread does (Checkpointer._write): serialize, then commit (sha256, write, fsync, rename)."""
+def commit_and_remove(store: CheckpointStore, step: int, payload) -> float:
     t0 = time.perf_counter()
-    url = store.commit(step, {"state.pt": serialize(staged)}, {})
+    url = store.commit(step, {"state.pt": payload}, {})
     elapsed = time.perf_counter() - t0
     shutil.rmtree(url)
     return elapsed
 
 
 def write_parts(staged: dict, path: str) -> dict[str, float]:
-    """The same work one part at a time, to see where the time goes."""
+    """The work of the old two-pass write one part at a time, to see where the time goes."""
     parts = {}
     t0 = time.perf_counter()
-    data = serialize(staged)
-    parts["serialize_s"] = time.perf_counter() - t0
+    data = to_bytes(staged)
+    parts["serialize_to_bytes_s"] = time.perf_counter() - t0
     del data
-    torch.serialization.set_crc32_options(False)  # torch's own per-record CRC32, which sha256 duplicates
+    torch.serialization.set_crc32_options(False)
     try:
         t0 = time.perf_counter()
-        data = serialize(staged)
+        data = to_bytes(staged)
         parts["serialize_without_crc32_s"], t0 = time.perf_counter() - t0, time.perf_counter()
     finally:
         torch.serialization.set_crc32_options(True)
     hashlib.sha256(data).hexdigest()
     parts["sha256_s"], t0 = time.perf_counter() - t0, time.perf_counter()
-    with open(path, "wb") as f:  # as CheckpointStore writes a file: one write, flush, fsync
+    with open(path, "wb") as f:  # one write, flush, fsync
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -245,23 +228,20 @@ def write_parts(staged: dict, path: str) -> dict[str, float]:
 
 def bench_write(staged: dict, tmp: str) -> dict:
     store, steps, chunk = CheckpointStore(f"{tmp}/ckpt"), itertools.count(1), os.urandom(CHUNK)
-    data = serialize(staged)
-    size, digest = len(data), hashlib.sha256(data).hexdigest()
-    del data
-    # the streamed pass writes the very bytes serialize gives, or the comparison means nothing
-    assert write_streamed(staged, f"{tmp}/check") == digest
-    disk, runner, streamed, parts = [], [], [], []
+    size = store.info(store.commit(0, {"state.pt": state_payload(staged)}, {})).manifest["files"]["state.pt"]["size"]
+    shutil.rmtree(f"{tmp}/ckpt")
+    disk, runner, two_pass, parts = [], [], [], []
     for _ in range(ROUNDS):
         disk.append(timed(lambda: write_disk(f"{tmp}/disk", size, chunk)))
-        runner.append(write_like_runner(staged, store, next(steps)))
-        streamed.append(timed(lambda: write_streamed(staged, f"{tmp}/streamed")))
+        runner.append(commit_and_remove(store, next(steps), state_payload(staged)))
+        two_pass.append(commit_and_remove(store, next(steps), to_bytes(staged)) + timed(lambda: to_bytes(staged)))
         parts.append(write_parts(staged, f"{tmp}/parts"))
         gc.collect()
-    rate = {"disk": size / MB / min(disk), "runner": size / MB / min(runner), "streamed": size / MB / min(streamed)}
+    rate = {"disk": size / MB / min(disk), "runner": size / MB / min(runner), "two_pass": size / MB / min(two_pass)}
     return {"bytes": size, "disk_fsync_MB_per_s": round(rate["disk"], 1),
             "runner_MB_per_s": round(rate["runner"], 1), "runner_vs_disk": ratio(rate["runner"], rate["disk"]),
-            "runner_parts_s": {k: round(min(p[k] for p in parts), 4) for k in parts[0]},
-            "streamed_MB_per_s": round(rate["streamed"], 1), "streamed_vs_disk": ratio(rate["streamed"], rate["disk"])}
+            "two_pass_MB_per_s": round(rate["two_pass"], 1), "two_pass_vs_disk": ratio(rate["two_pass"], rate["disk"]),
+            "two_pass_parts_s": {k: round(min(p[k] for p in parts), 4) for k in parts[0]}}
 
 
 # --- 3. steps with a write in flight ----------------------------------------------------------------------
@@ -301,13 +281,11 @@ def shared_copy(obj):
 
 
 def writer_process(staged: dict, root: str, inbox, outbox) -> None:
-    """A writer in its own process (own GIL): serialize + commit each time it is told a step."""
+    """A writer in its own process (own GIL): runner's commit each time it is told a step."""
     torch.set_num_threads(1)
     store = CheckpointStore(root)
     while (step := inbox.get()) is not None:
-        t0 = time.perf_counter()
-        shutil.rmtree(store.commit(step, {"state.pt": serialize(staged)}, {}))
-        outbox.put(time.perf_counter() - t0)
+        outbox.put(commit_and_remove(store, step, state_payload(staged)))
 
 
 def bench_in_flight(staged: dict, tmp: str) -> dict:
@@ -320,13 +298,15 @@ def bench_in_flight(staged: dict, tmp: str) -> dict:
 
 
 def _in_flight(staged: dict, tmp: str) -> dict:
-    step, store, steps, data = step_loop(), CheckpointStore(f"{tmp}/thread"), itertools.count(1), serialize(staged)
-    # runner's writer thread, then each of its parts alone, then the streamed pass: which part holds the GIL
-    in_thread = {
-        "thread": lambda: shutil.rmtree(store.commit(next(steps), {"state.pt": serialize(staged)}, {})),
-        "thread_serialize_only": lambda: serialize(staged),
-        "thread_commit_only": lambda: shutil.rmtree(store.commit(next(steps), {"state.pt": data}, {})),
-        "thread_streamed": lambda: write_streamed(staged, f"{tmp}/streamed-in-flight"),
+    step, store, steps = step_loop(), CheckpointStore(f"{tmp}/thread"), itertools.count(1)
+    def runner_thread() -> float:  # as Checkpointer._write: lower priority, then the streamed commit
+        yield_to_training()
+        return commit_and_remove(store, next(steps), state_payload(staged))
+
+    in_thread = {  # runner's writer thread, the same at normal priority, and the two-pass write it replaced
+        "thread": runner_thread,
+        "thread_normal_priority": lambda: commit_and_remove(store, next(steps), state_payload(staged)),
+        "thread_two_pass": lambda: commit_and_remove(store, next(steps), to_bytes(staged)),
     }
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
@@ -384,7 +364,7 @@ def peak_rss(mode: str) -> dict:
     """Run in a fresh process: two saves of the 50 M state; VmHWM is reset once the model exists."""
     model, optimizer = model_of(50)
     save, state_b = save_fn(model, optimizer), nbytes(state_tensors(model, optimizer))
-    staging = Staging(reuse=mode != "no_reuse")
+    staging = Staging(reuse=mode != "no_reuse")  # two_pass: reuse on, serialized to bytes first
     with tempfile.TemporaryDirectory() as tmp:
         store = CheckpointStore(f"{tmp}/ckpt")
         gc.collect()
@@ -392,10 +372,7 @@ def peak_rss(mode: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         for step in (1, 2):
             staged = save(staging)
-            if mode == "reuse_streamed":
-                write_streamed(staged, f"{tmp}/streamed")
-            else:
-                shutil.rmtree(store.commit(step, {"state.pt": serialize(staged)}, {}))
+            commit_and_remove(store, step, state_payload(staged) if mode != "two_pass" else to_bytes(staged))
             del staged
             gc.collect()
         peak, after = rss_kb("VmHWM"), rss_kb("VmRSS")
@@ -408,7 +385,7 @@ def peak_rss(mode: str) -> dict:
 def bench_peak_rss() -> dict:
     if not Path("/proc/self/clear_refs").exists():
         return {"skipped": "needs Linux /proc/self/clear_refs"}
-    return {mode: run_child("peak-rss", mode) for mode in ("reuse", "no_reuse", "reuse_streamed")}
+    return {mode: run_child("peak-rss", mode) for mode in ("reuse", "no_reuse", "two_pass")}
 
 
 CHILDREN = {"first-save": lambda millions, what: first_save(int(millions), what), "peak-rss": peak_rss}
@@ -522,7 +499,7 @@ def targets(results: dict) -> list[dict]:
                   "<=", 1.5),
                  ("blocked: first save / first clone (fresh process)", s, s["blocked"]["first_save_vs_first_clone"],
                   "<=", 1.5),
-                 ("write: serialize + commit / disk with fsync", s, s["write"]["runner_vs_disk"], ">=", 0.8)]
+                 ("write: streamed commit / disk with fsync", s, s["write"]["runner_vs_disk"], ">=", 0.8)]
     rows.append(("step time: write in flight (writer thread) / none", results["states"][-1],
                  results["in_flight"]["thread_vs_baseline"], "<=", 1.1))
     return [{"what": what, "params_M": s["params_M"], "value": value, "target": f"{op} {goal}",
@@ -546,15 +523,14 @@ def table(results: dict) -> str:
     row("blocked: copy_ into preallocated buffers s", lambda s: f"{s['blocked']['copy_into_s']:.3f}")
     row("blocked: capture reused / copy_", lambda s: f"{s['blocked']['reuse_vs_copy_into']:.2f}x", "<= 1.5x")
     row("write: disk, os.write 8 MB + fsync MB/s", lambda s: f"{s['write']['disk_fsync_MB_per_s']:.0f}")
-    row("write: serialize + commit MB/s", lambda s: f"{s['write']['runner_MB_per_s']:.0f}")
-    row("write: serialize + commit / disk", lambda s: f"{s['write']['runner_vs_disk']:.0%}", ">= 80%")
-    row("write:   disk, same bytes s", lambda s: f"{s['write']['bytes'] / MB / s['write']['disk_fsync_MB_per_s']:.3f}")
-    for part in ("serialize_s", "serialize_without_crc32_s", "sha256_s", "write_fsync_s"):
-        row(f"write:   {part} (each alone)", lambda s, p=part: f"{s['write']['runner_parts_s'][p]:.3f}")
-    row("write: streamed (torch.save to the file, hashing) / disk", lambda s: f"{s['write']['streamed_vs_disk']:.0%}")
+    row("write: runner (streamed torch.save + sha256) MB/s", lambda s: f"{s['write']['runner_MB_per_s']:.0f}")
+    row("write: runner / disk", lambda s: f"{s['write']['runner_vs_disk']:.0%}", ">= 80%")
+    row("write: before (serialize to bytes, then commit) / disk", lambda s: f"{s['write']['two_pass_vs_disk']:.0%}")
+    for part in ("serialize_to_bytes_s", "serialize_without_crc32_s", "sha256_s", "write_fsync_s"):
+        row(f"write:   before, {part} (each alone)", lambda s, p=part: f"{s['write']['two_pass_parts_s'][p]:.3f}")
     lines.append(f"step time with a {states[-1]['params_M']} M write in flight "
                  f"(alone: {flight['baseline_step_ms']:.1f} ms; target <= 1.10x):")
-    for writer in ("thread", "thread_serialize_only", "thread_commit_only", "thread_streamed", "process"):
+    for writer in ("thread", "thread_normal_priority", "thread_two_pass", "process"):
         lines.append(f"  {writer:24}{flight[f'{writer}_step_ms']:7.1f} ms = {flight[f'{writer}_vs_baseline']:.2f}x"
                      f"  ({flight[f'{writer}_steps']} steps during a {flight[f'{writer}_write_s']:.2f} s write)")
     for mode, r in rss.items():

@@ -33,8 +33,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 
@@ -110,11 +111,66 @@ def _open_fs(url: str, storage_options: dict | None):
             f"cannot open {url}: {e}; use a local path or an fsspec URL such as s3://bucket/dir") from None
 
 
-def _write_synced(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
+Payload = bytes | Callable[[BinaryIO], None]  # a file's bytes, or a function that writes them into a file
+
+
+class HashingWriter:
+    """A write-only file that sha256-hashes each chunk on a helper thread while this thread writes it out.
+    sha256 and the write both release the GIL, so hashing adds no time when the disk is the slower of the two,
+    and nothing holds the whole file in memory. `size` counts what was written."""
+
+    _PARALLEL_MIN = 1 << 20  # smaller chunks (pickle framing, headers) are hashed inline
+
+    def __init__(self, out, hasher: ThreadPoolExecutor):
+        self.out, self.hasher, self.sha, self.size = out, hasher, hashlib.sha256(), 0
+        self.error: BaseException | None = None  # what the storage raised, as opposed to the payload's writer
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        pending = self.hasher.submit(self.sha.update, view) if len(view) >= self._PARALLEL_MIN else None
+        if pending is None:
+            self.sha.update(view)
+        try:
+            rest = view
+            while rest:  # raw files may take less than asked
+                rest = rest[self.out.write(rest):]
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            if pending is not None:
+                pending.result()  # the caller may reuse its buffer once write returns
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def write_payload(out, payload: Payload, name: str) -> tuple[int, str]:
+    """Write `payload` into the file object `out`; returns (size, sha256 hex). A writer function that fails
+    on its own (not because the storage did) is a CheckpointError: retrying the write cannot help."""
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        writer = HashingWriter(out, hasher)
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            writer.write(payload)
+            return writer.size, writer.sha.hexdigest()
+        try:
+            payload(writer)
+        except Exception as e:
+            if writer.error is not None:
+                raise writer.error from None
+            if isinstance(e, RunnerError):
+                raise
+            raise CheckpointError(f"cannot write {name}: {one_line(e)}") from e
+    return writer.size, writer.sha.hexdigest()
+
+
+def _write_synced(path: str, payload: Payload, label: str = "") -> tuple[int, str]:
+    with open(path, "wb", buffering=0) as f:
+        written = write_payload(f, payload, label or path)
         os.fsync(f.fileno())
+    return written
 
 
 def _fsync_dir(path: str) -> None:
@@ -176,37 +232,39 @@ class CheckpointStore:
             raise StorageError(f"cannot use {self.url}: a probe object read back different bytes than were "
                                "written; check the storage endpoint")
 
-    def commit(self, step: int, files: dict[str, bytes], meta: dict) -> str:
-        """Atomically write checkpoint `step-{step:09d}` holding `files`; returns its URL."""
+    def commit(self, step: int, files: dict[str, Payload], meta: dict) -> str:
+        """Atomically write checkpoint `step-{step:09d}` holding `files`; returns its URL. A file is given as
+        bytes or as a function that writes it (streamed: hashed on the way, never held in memory whole)."""
         check_files(files)
         name, url = _step_name(step), self._url(_step_name(step))
-        nonce = uuid.uuid4().hex[:12]
-        objects = {n: n if self.local else fresh_object(n, nonce) for n in files}
-        # Hash the bytes as given: one pass in memory, never re-read what we just wrote.
-        entries = {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest(),
-                       **({} if objects[n] == n else {"object": objects[n]})} for n, b in files.items()}
-        manifest = {**meta, "step": step, "files": entries, "committed_at": time.time()}
-        try:
-            blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        try:  # before anything is written
+            json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot write {url}: checkpoint metadata is not JSON ({e})") from None
         with storage_errors("write checkpoint", url):
             if self.local:
-                self._commit_local(name, files, blob)
+                self._commit_local(name, step, files, meta)
             else:
-                self._commit_object(name, {objects[n]: data for n, data in files.items()}, blob)
+                self._commit_object(name, step, files, meta)
         return url
 
-    def _commit_local(self, name: str, files: dict[str, bytes], blob: bytes) -> None:
+    @staticmethod
+    def _manifest(meta: dict, step: int, entries: dict) -> bytes:
+        manifest = {**meta, "step": step, "files": entries, "committed_at": time.time()}
+        return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+    def _commit_local(self, name: str, step: int, files: dict[str, Payload], meta: dict) -> None:
         # The temp dir is a sibling in the same directory, so os.replace is a same-filesystem rename.
         os.makedirs(self.root, exist_ok=True)
         tmp = self._path(f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}")
         os.mkdir(tmp)
         try:
-            for fname, data in files.items():
-                _write_synced(os.path.join(tmp, fname), data)
+            entries = {}
+            for fname, payload in files.items():
+                size, sha = _write_synced(os.path.join(tmp, fname), payload, f"{self._url(name)}/{fname}")
+                entries[fname] = {"size": size, "sha256": sha}
             _test_pause()
-            _write_synced(os.path.join(tmp, MANIFEST), blob)
+            _write_synced(os.path.join(tmp, MANIFEST), self._manifest(meta, step, entries))
             _fsync_dir(tmp)
             final, aside = self._path(name), None
             if os.path.lexists(final):  # rename() cannot replace a non-empty directory: move it aside
@@ -220,15 +278,18 @@ class CheckpointStore:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit_object(self, name: str, objects: dict[str, bytes], blob: bytes) -> None:
-        base = self._path(name)
-        for obj, data in objects.items():  # fresh names: the previous version of this step stays intact
-            self.fs.pipe_file(f"{base}/{obj}", data)
+    def _commit_object(self, name: str, step: int, files: dict[str, Payload], meta: dict) -> None:
+        base, nonce, entries = self._path(name), uuid.uuid4().hex[:12], {}
+        for fname, payload in files.items():  # fresh names: the previous version of this step stays intact
+            obj = fresh_object(fname, nonce)
+            size, sha = self._put(f"{base}/{obj}", payload, f"{self._url(name)}/{fname}")
+            entries[fname] = {"size": size, "sha256": sha, "object": obj}
         _test_pause()
-        self.fs.pipe_file(f"{base}/{MANIFEST}", blob)  # a single PUT: the commit point
+        # a single PUT: the commit point
+        self.fs.pipe_file(f"{base}/{MANIFEST}", self._manifest(meta, step, entries))
         try:
             self.fs.invalidate_cache(base)
-            for obj in sorted(set(self._relative_files(base)) - {MANIFEST, *objects}):
+            for obj in sorted(set(self._relative_files(base)) - {MANIFEST, *(e["object"] for e in entries.values())}):
                 self.fs.rm_file(f"{base}/{obj}")
         except Exception as e:
             if not is_storage_exc(e):
@@ -236,6 +297,23 @@ class CheckpointStore:
             # Committed all the same: the stale objects cost space, and cleanup_partial removes them later.
             _warn_stderr(f"committed {self._url(name)} but could not delete the objects it replaced "
                          f"({one_line(e)}); `cleanup_partial` removes them later")
+
+    def _put(self, path: str, payload: Payload, label: str) -> tuple[int, str]:
+        """Upload one object (multipart for large ones, by the fsspec backend); a failure aborts the upload
+        instead of completing a partial object."""
+        f = self.fs.open(path, "wb")
+        try:
+            written = write_payload(f, payload, label)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if hasattr(f, "discard"):  # fsspec's buffered files: abort the (multipart) upload
+                    f.discard()
+                    f.closed = True  # else its __del__ would try to finish the discarded upload
+                else:
+                    f.close()
+            raise
+        f.close()
+        return written
 
     def _relative_files(self, base: str) -> list[str]:
         return [p[len(base) + 1:] for p in self.fs.find(base)]

@@ -41,6 +41,7 @@ FORMAT = 2           # manifest format; 1 = written before lineages (no run_id),
 LEGACY_RUN = "legacy"  # the run id of format-1 checkpoints
 RETRIES = 3          # attempts per periodic save before giving up until the next cadence
 BACKOFF_S = 1.0      # first retry delay; doubles each attempt
+WRITER_NICE = 10     # the background writer's CPU priority (Linux nice, per thread)
 FENCED = "another run took over the lease on {url}; this launch stops without writing there"
 
 
@@ -159,10 +160,10 @@ class Checkpointer:
     def _fresh(self, job: Job) -> TrainState:
         self.events.run_id = self.lineage.run_id
         self.events.emit("fresh")
-        load_init_weights(job)
+        epoch, step = load_init_weights(job)  # (0, 0) unless model.init_optimizer continues another tool's run
         log(f"fresh start: run {self.lineage.run_id}, no checkpoint to resume in {self.url}", self.env)
         seed_all(hash((self.cfg.train.seed, self.env.rank)) & 0x7FFF_FFFF)  # per-rank randomness, reproducible
-        return TrainState()
+        return TrainState(epoch=epoch, step=step)
 
     def _resume(self, job: Job, found: Resume, last_step: int) -> TrainState:
         cfg, env = self.cfg, self.env
@@ -315,6 +316,8 @@ class Checkpointer:
 
     def _write(self, staged: dict, meta: dict, emergency: bool, blocked_s: float) -> None:
         t0 = time.perf_counter()
+        if not emergency:  # training goes on meanwhile; an emergency save is all that is left to do
+            yield_to_training()
         try:
             self._commit(staged, meta, emergency)
         finally:
@@ -326,17 +329,20 @@ class Checkpointer:
 
     def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRIES
-        self.write_ok, self.written_bytes, data = False, 0, None
+        self.write_ok, self.written_bytes = False, 0
+
+        def write_state(out) -> None:  # streamed into the store; an unserializable value is a permanent fault
+            serialize(staged, out)
+            self.written_bytes = out.size
+
         for attempt in range(1, attempts + 1):
             try:
                 if self.lease is not None and not self.lease.still_ours():
                     self.broken = FENCED.format(url=self.url)
                     warn(f"CHECKPOINT FAILED: step {step} was not saved: {self.broken}")
                     return
-                data = data or serialize(staged)  # an unserializable value is a permanent fault
-                self.written_bytes = len(data)
                 fail_commit(step)
-                url = self.store.commit(step, {"state.pt": data}, meta)
+                url = self.store.commit(step, {"state.pt": write_state}, meta)
                 break
             except Exception as e:  # noqa: BLE001 — classified: a permanent fault is not retried
                 permanent = storage_fault(e) == "permanent"
@@ -427,6 +433,14 @@ class Checkpointer:
         if self.created:  # a run refused or failed before its first commit leaves no empty directory behind
             with contextlib.suppress(OSError):
                 os.rmdir(self.store.root)
+
+
+def yield_to_training() -> None:
+    """Lower this (writer) thread's CPU priority, and that of the hashing thread it starts: where cores are
+    short, the scheduler then runs the training step first and the write in what is left, instead of slowing
+    each step. Linux sets nice per thread; elsewhere this does nothing."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
 
 
 def weights_finite(model: torch.nn.Module) -> bool:

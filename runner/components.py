@@ -1,4 +1,4 @@
-"""Names in the config → objects: model, loss, optimizer, scheduler.
+"""Names in the config → objects: model, loss, training step, optimizer, scheduler.
 
 Built-ins have short names; anything else is an import path `pkg.module:Name`.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
@@ -120,6 +121,26 @@ def build_loss(name: str) -> nn.Module:
     if ":" in name:
         return import_object(name, "train.loss")()
     raise unknown("train.loss", name, LOSSES)
+
+
+def build_step(path: str | None) -> Callable | None:
+    """train.step → the user's fn(model, batch); None keeps runner's own step."""
+    if path is None:
+        return None
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"train.step: '{path}' is not an import path pkg.module:function")
+    fn = import_object(path, "train.step")
+    if not callable(fn):
+        raise ConfigError(f"train.step: '{path}' is a {type(fn).__name__}, not a function fn(model, batch)")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise ConfigError(f"train.step: '{path}' takes {inspect.signature(fn)}; runner calls it as "
+                          "fn(model, batch)") from None
+    except ValueError:
+        pass  # no introspectable signature: the call itself will tell
+    return fn
 
 
 def build_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:

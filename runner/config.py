@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import difflib
 import functools
-import json
 import math
 import re
 import types
@@ -45,6 +44,18 @@ class ModelConfig:
     init_prefix: Optional[str] = None
     """With init_from: how saved keys map to the model's: `model.` strips that prefix (keys outside it are ignored),
     `+backbone.` adds one, `""` keeps them as saved; unset: the one mapping that fits, found from the keys."""
+    init_optimizer: bool = False
+    """With init_from: continue the run the file was saved from (a fresh start only): load its optimizer state and,
+    when saved, its scheduler and GradScaler states, and start after its `epoch` (see init_epoch)."""
+    init_epoch: Literal["last_finished", "next"] = "last_finished"
+    """With init_optimizer, what the file's `epoch` means: `last_finished`, the 0-based index of the last finished
+    epoch (the PyTorch tutorial's loop, Lightning's epoch-end checkpoints); `next`, the 0-based epoch to train next,
+    i.e. the number of finished epochs (pytorch/examples' ImageNet script, Lightning's after trainer.fit)."""
+
+    def __post_init__(self):
+        if self.init_optimizer and not self.init_from:
+            raise ConfigError("model.init_optimizer: true continues the run saved in model.init_from, which is not "
+                              "set; set model.init_from to that file, or drop model.init_optimizer")
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,9 @@ class TrainConfig:
     """Stop after this many optimizer steps, even mid-epoch."""
     loss: str = "cross_entropy"
     """Loss: cross_entropy, mse, l1, smooth_l1, bce_with_logits, nll, or `pkg.module:Class`."""
+    step: Optional[str] = None
+    """Your own training step `pkg.module:fn`, fn(model, batch) → loss or (loss, {name: scalar}); batches may then be
+    any nesting of tensors, tuples, lists and dicts. Unset: runner's, loss(model(x), y) on (x, y) batches."""
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value."""
     accumulate: int = 1

@@ -28,7 +28,7 @@ class Datasets:
     train: Dataset
     val: Dataset | None
     num_classes: int | None  # None for regression
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # of x in (x, y) samples, for the built-in models; () for other samples
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:
@@ -51,7 +51,14 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     if isinstance(result, Datasets):
         return result
     train, val = result if isinstance(result, tuple) else (result, None)
-    return Datasets(train, val, infer_classes(train), tuple(train[0][0].shape))
+    return Datasets(train, val, infer_classes(train), input_shape(train[0]))
+
+
+def input_shape(sample) -> tuple[int, ...]:
+    """The shape of x in an (x, y) sample; () for any other sample (a dict for train.step), which only a user
+    model reads."""
+    x = sample[0] if isinstance(sample, (tuple, list)) and sample else None
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else ()
 
 
 def infer_classes(ds) -> int | None:
@@ -295,15 +302,40 @@ class ShardedSampler(Sampler[int]):
         return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
     def shard(self) -> list[int]:
-        order, start = self.order(), min(self.start, self.size)
+        order = self.order()
+        return [order[i % self.size] for i in self.positions()]
+
+    def positions(self) -> range:
+        """This rank's positions in the order (past its end: padding)."""
+        start = min(self.start, self.size)
         end = start + math.ceil((self.size - start) / self.world_size) * self.world_size if self.pad else self.size
-        return [order[i % self.size] for i in range(start + self.rank, end, self.world_size)]
+        return range(start + self.rank, end, self.world_size)
 
     def __iter__(self):
         return iter(self.shard())
 
     def __len__(self):
-        return len(self.shard())
+        return len(self.positions())  # without drawing the order
+
+
+def to_device(batch, device: torch.device, non_blocking: bool = False):
+    """A batch (tensors in any nesting of tuples, lists and dicts) on `device`; other leaves stay as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple, as default_collate keeps it
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def steps_per_epoch(size: int, world_size: int, batch_size: int, accumulate: int) -> int:
+    """Optimizer steps in a whole epoch, as the loop takes them: every rank's share is padded to
+    ceil(size / world_size) samples (ShardedSampler), loaded in batches of batch_size (the last may be short),
+    and every `accumulate` batches make a step (the last group may be short)."""
+    return math.ceil(math.ceil(math.ceil(size / world_size) / batch_size) / accumulate)
 
 
 def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int,

@@ -3,6 +3,10 @@
 The checkpoint's config is the dict its manifest stores (`manifest_config`), possibly written by an older runner
 with fewer or more keys. Both sides are compared leaf by leaf under dotted keys, after a JSON round trip and
 redaction, so a checkpoint never differs from its own job file.
+
+A run continued from another tool's checkpoint (model.init_optimizer) has no config to compare: its optimizer's
+parameter groups and scheduler state stand for it (`optimizer_changes`, `scheduler_changes`), named by the config
+keys that set them, under the same rule.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ CATEGORIES = {
     "model.strict": Category.FREE,
     "model.trust_pickle": Category.FREE,
     "model.init_prefix": Category.FREE,
+    "model.init_optimizer": Category.FREE,  # like init_from: read only by a fresh start
+    "model.init_epoch": Category.FREE,
     "data.num_workers": Category.FREE,
     "data.eval_batch_size": Category.FREE,
     "data.global_batch_size": Category.GLOBAL_BATCH,
@@ -51,6 +57,13 @@ CATEGORIES = {
     "metrics": Category.FREE,
     "logging": Category.FREE,
 }
+
+# Optimizer group entries that are not the optimizer's hyperparameters: runner's group bookkeeping
+# (finetune.param_groups), schedulers' anchors (the base LR is compared as optim.lr), and implementation switches
+# that do not change the math.
+NOT_HYPERPARAMETERS = frozenset({"params", "param_names", "name", "path", "lr_mult", "initial_lr", "max_lr", "min_lr",
+                                 "max_momentum", "base_momentum", "foreach", "fused", "differentiable", "capturable"})
+
 
 class Unset:
     """The value of a key one side does not have (a free-form argument added or removed)."""
@@ -116,14 +129,50 @@ def is_allowed(key: str, allowed: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allowed)
 
 
-def refusal(found: list[Change], allowed: list[str], url: str) -> str | None:
-    """None if every change is allowed, else one line that names each refused change and the ways out."""
+WAYS_OUT = "resume with the original values, allow them with {allow}, or start a new run in another checkpoint.dir"
+
+
+def refusal(found: list[Change], allowed: list[str], url: str, what: str = "was written with another config",
+            ways_out: str = WAYS_OUT) -> str | None:
+    """None if every change is allowed, else one line that names each refused change and the ways out
+    (`ways_out` names the allow list as {allow})."""
     refused = [c for c in found if not is_allowed(c.key, allowed)]
     if not refused:
         return None
     listed = ",".join([*allowed, *(c.key for c in refused)])
-    return (f"{url} was written with another config: {', '.join(map(str, refused))}; resume with the original "
-            f"values, allow them with resume.allow_changes=[{listed}], or start a new run in another checkpoint.dir")
+    return (f"{url} {what}: {', '.join(map(str, refused))}; "
+            + ways_out.format(allow=f"resume.allow_changes=[{listed}]"))
+
+
+def optimizer_changes(saved: list[dict], built: list[dict]) -> list[Change]:
+    """How a saved optimizer's parameter groups differ from the ones this job built (as many, in order), by the
+    config key that sets each: `optim.lr` for the base LR, `optim.args.<name>` for the others; a value that differs
+    between groups is listed per group. Only entries both sides have, sorted by key."""
+    found = []
+    for key in set.intersection(*(set(g) for g in [*saved, *built])) - NOT_HYPERPARAMETERS:
+        old, new = ([hyperparameter(g, key) for g in groups] for groups in (saved, built))
+        if not same(old, new):
+            found.append(Change("optim.lr" if key == "lr" else f"optim.args.{key}", one_or_all(old), one_or_all(new)))
+    return sorted(found, key=lambda c: c.key)
+
+
+def hyperparameter(group: dict, key: str) -> Any:
+    """A group's value as a config value: for lr the base LR (a scheduler's initial_lr, else lr); a tensor (LR) or
+    tuple (betas) as JSON has it."""
+    value = group.get("initial_lr", group["lr"]) if key == "lr" else group[key]
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def one_or_all(values: list) -> Any:
+    """The value all groups share, else the list of them."""
+    return values[0] if all(same(v, values[0]) for v in values) else values
+
+
+def scheduler_changes(saved: dict, built: dict, args: list[str]) -> list[Change]:
+    """The scheduler.args whose value in a saved scheduler state differs from the state this job built."""
+    return [Change(f"scheduler.args.{a}", saved[a], built[a]) for a in args
+            if a in saved and a in built and isinstance(built[a], (int, float, str)) and not same(saved[a], built[a])]
 
 
 def describe(found: list[Change]) -> str:

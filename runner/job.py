@@ -2,18 +2,21 @@
 
 Shared by `runner train` (loop.py), `runner summary` and `runner export`, which build the same model without
 importing the loop. Pretrained weights (`model.init_from`) are not loaded here: only a fresh start loads them
-(`load_init_weights`), since a resumed run's checkpoint replaces them anyway.
+(`load_init_weights`, with model.init_optimizer also the saved run's optimizer, scheduler and scaler states), since
+a resumed run's checkpoint replaces them anyway.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import finetune, weights
-from .components import build_loss, build_model, build_optimizer, build_scheduler
+from .components import build_loss, build_model, build_optimizer, build_scheduler, build_step
 from .config import RunConfig
+from .continuation import continue_saved_run
 from .data import Datasets, build_datasets
 from .dist import DistEnv
 from .errors import ConfigError
@@ -36,10 +39,12 @@ class Job:
     accumulate: int  # micro-batches per optimizer step on this world size
     wrapped: nn.Module | None = None
     phase: int | None = None
+    step: Callable | None = None  # train.step: the user's fn(model, batch); None: loss_fn(model(x), y)
 
 
 def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    step = build_step(cfg.train.step)
     data = build_datasets(cfg.data)
     if env.world_size > len(data.train):  # padding would give ranks unequal steps, and a collective would hang
         raise ConfigError(f"data: the training set has {len(data.train)} sample(s), fewer than the "
@@ -51,7 +56,8 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
-               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head, accumulation(cfg, env.world_size))
+               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head, accumulation(cfg, env.world_size),
+               step=step)
 
 
 def accumulation(cfg: RunConfig, world_size: int) -> int:
@@ -79,15 +85,26 @@ def build_model_for(cfg: RunConfig, data: Datasets) -> tuple[nn.Module, list, st
     return model, phases, head
 
 
-def load_init_weights(job: Job) -> None:
-    """model.init_from into the built model (the replaced head's weights are neither loaded nor required)."""
+def load_init_weights(job: Job) -> tuple[int, int]:
+    """model.init_from into the built model (the replaced head's weights are neither loaded nor required); with
+    model.init_optimizer, continue the run it was saved from. Returns where training starts: (0-based epoch,
+    optimizer steps done), (0, 0) unless a run is continued."""
     cfg = job.cfg
-    if cfg.model.init_from:
-        log(weights.load_pretrained(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
-                                    strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                    new_head=job.head, prefix=cfg.model.init_prefix), job.env)
+    if not cfg.model.init_from:
+        return 0, 0
+    report, saved = weights.load_run(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
+                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
+                                     new_head=job.head, prefix=cfg.model.init_prefix)
+    log(report, job.env)
+    if not cfg.model.init_optimizer:
+        return 0, 0
+    return continue_saved_run(job, saved)
 
 
 def example_batch(data: Datasets, n: int = 2) -> torch.Tensor:
-    """A few training inputs, for summaries and export tracing."""
-    return torch.stack([data.train[i][0] for i in range(min(n, len(data.train)))])
+    """A few training inputs, for summaries and export tracing: the x of (x, y) samples."""
+    samples = [data.train[i] for i in range(min(n, len(data.train)))]
+    if not all(isinstance(s, (tuple, list)) and isinstance(s[0], torch.Tensor) for s in samples):
+        raise ConfigError(f"data: samples are {type(samples[0]).__name__}s, not (input tensor, target) pairs; "
+                          "summary and export trace the model with one input tensor, so they need such samples")
+    return torch.stack([s[0] for s in samples])

@@ -20,7 +20,7 @@ import torch
 from . import __version__, dist, finetune, notices, preemption
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_yaml
-from .data import SeededDataset, ShardedSampler, make_loader
+from .data import SeededDataset, ShardedSampler, make_loader, to_device
 from .dist import DistEnv
 from .errors import ConfigError, RunnerError
 from .events import EVENTS, EventLog
@@ -28,6 +28,7 @@ from .faults import count_host_syncs, dump_weights, inject_fault
 from .job import Job, build_job
 from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
 from .state import TrainState
+from .step import add_step, call_step, pair
 from .tensorboard import TensorBoard
 
 EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
@@ -176,15 +177,17 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
         return MAX_STEPS
     done = state.sample_in_epoch // (cfg.data.batch_size * env.world_size)
     bar = ProgressBar(show_bar(cfg, env), done + batches, state.epoch, cfg.train.max_epochs, done)
+    left = len(loader.sampler)  # this rank's samples left in the epoch, as many on every rank (padding)
     if cfg.data.num_workers:
         ckpt.before_fork()
-    for index, (x, y) in enumerate(loader):
+    for index, batch in enumerate(loader):
         # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
         group_start = index - index % job.accumulate
         group_size = min(job.accumulate, batches - group_start)
         boundary = index + 1 - group_start == group_size
-        state.sample_in_epoch += len(y) * env.world_size  # every rank's batch has this size (padding)
-        forward_backward(job, x, y, state.sums, group_size, sync=boundary)
+        samples = min(cfg.data.batch_size, left - index * cfg.data.batch_size)  # from the sampler, not the batch
+        state.sample_in_epoch += samples * env.world_size
+        forward_backward(job, batch, samples, state, group_size, sync=boundary)
         bar.advance()
         if not boundary:
             continue
@@ -222,22 +225,35 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
 def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
     """The epoch's mean training loss so far over all ranks (a host read and a collective: log steps only);
     a non-finite one stops the run before anything non-finite can be saved."""
-    loss_sum, _, count = dist.all_sum(state.sums, job.env)
+    loss_sum, _, count, *_ = dist.all_sum(state.sums, job.env)
     if not math.isfinite(loss_sum):
         ckpt.raise_diverged(state, "non-finite loss")
     return loss_sum / max(count, 1)
 
 
-def forward_backward(job: Job, x, y, sums: torch.Tensor, group_size: int, sync: bool) -> None:
-    x, y = x.to(job.env.device, non_blocking=True), y.to(job.env.device, non_blocking=True)
+def forward_backward(job: Job, batch, samples: int, state: TrainState, group_size: int, sync: bool) -> None:
+    """One micro-batch of `samples`: the loss of runner's step or train.step, divided by the group size, backward
+    (DDP syncs gradients on the group's last), then added to the running sums on the device."""
+    batch = to_device(batch, job.env.device, non_blocking=True)
     model = job.wrapped
     no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with autocast(job):
-            out = model(x)
-            loss = job.loss_fn(out, y)
+            if job.step is None:
+                x, y = pair(batch)
+                out = model(x)
+                loss = job.loss_fn(out, y)
+            else:
+                loss, metrics = call_step(job, model, batch, training=True)
         job.scaler.scale(loss / group_size).backward()
-    add_batch(sums, out, y, loss.detach().double() * len(y))
+    if job.step is None:
+        add_batch(state.sums, out, y, loss.detach().double() * samples)
+        return
+    if state.metric_names is None:  # the run's first step names the metrics
+        if "loss" in metrics:
+            raise ConfigError("train.step: a metric named 'loss' would replace train_loss and val_loss; rename it")
+        state.track_metrics(list(metrics))
+    add_step(state.sums, state.metric_names, loss, metrics, samples)
 
 
 def add_batch(sums: torch.Tensor, out, y, loss_sum: torch.Tensor) -> None:
@@ -273,12 +289,14 @@ def end_epoch(job: Job, state: TrainState, events: EventLog, complete: bool) -> 
     and the position stays where training stopped.
     """
     cfg, env = job.cfg, job.env
-    loss_sum, correct, count = dist.all_sum(state.sums, env)
+    names = state.metric_names or []
+    loss_sum, correct, count, *metric_sums = dist.all_sum(state.sums, env)
     metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
-    if correct or job.data.num_classes:
+    if job.step is None and (correct or job.data.num_classes):
         metrics["train_acc"] = correct / max(count, 1)
+    metrics.update({f"train_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     with events.timers.during("eval"):
-        metrics.update(evaluate(job))
+        metrics.update(evaluate(job, names))
     metrics["lr"] = job.optimizer.param_groups[-1]["lr"]
     state.reset_sums()
     if job.scheduler is not None and cfg.scheduler.interval == "epoch":
@@ -296,32 +314,39 @@ def end_epoch(job: Job, state: TrainState, events: EventLog, complete: bool) -> 
     return stop
 
 
-def evaluate(job: Job) -> dict:
-    """Sharded, unpadded evaluation of the plain module; sums over ranks count every sample once."""
+def evaluate(job: Job, names: list[str]) -> dict:
+    """Sharded, unpadded evaluation of the plain module; sums over ranks count every sample once. With train.step:
+    its loss and metrics `names` averaged over samples."""
     if job.data.val is None:
         return {}
     cfg, env, model = job.cfg, job.env, job.model
     dist.broadcast_buffers(model, env)  # BatchNorm statistics drift per rank; evaluate (and save) rank 0's
     sampler = ShardedSampler(len(job.data.val), env.rank, env.world_size, 0, shuffle=False, pad=False)
-    loader = make_loader(job.data.val, sampler, cfg.data.eval_batch_size or cfg.data.batch_size,
-                         cfg.data.num_workers, env.device.type == "cuda")
+    batch_size, left = cfg.data.eval_batch_size or cfg.data.batch_size, len(sampler)
+    loader = make_loader(job.data.val, sampler, batch_size, cfg.data.num_workers, env.device.type == "cuda")
     per_sample = copy.copy(job.loss_fn)
     if hasattr(per_sample, "reduction"):
         per_sample.reduction = "none"  # sum per-sample losses in float64: independent of batching
-    sums = torch.zeros(3, dtype=torch.float64, device=env.device)
+    sums = torch.zeros(3 + len(names), dtype=torch.float64, device=env.device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(job):
-        for x, y in loader:
-            x, y = x.to(env.device), y.to(env.device)
+        for index, batch in enumerate(loader):
+            batch = to_device(batch, env.device)
+            if job.step is not None:
+                loss, metrics = call_step(job, model, batch, training=False)
+                add_step(sums, names, loss, metrics, min(batch_size, left - index * batch_size))
+                continue
+            x, y = pair(batch)
             out = model(x)
             loss = per_sample(out, y)
             add_batch(sums, out, y, loss.double().sum() if loss.dim() else loss.double() * len(y))
     model.train(was_training)
-    loss_sum, correct, count = dist.all_sum(sums, env)
+    loss_sum, correct, count, *metric_sums = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}
-    if job.data.num_classes:
+    if job.step is None and job.data.num_classes:
         metrics["val_acc"] = correct / max(count, 1)
+    metrics.update({f"val_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     return metrics
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,9 +25,14 @@ class TrainState:
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
-    # this rank's running [loss sum, correct, count] of the epoch, on the training device: read only at log and
-    # epoch boundaries and saves, never per step
+    metric_names: list | None = None  # train.step's metrics, fixed by the run's first step; None: not known yet
+    # this rank's running [loss sum, correct, count, one sum per metric name] of the epoch, sample-weighted, on the
+    # training device: read only at log and epoch boundaries and saves, never per step
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+
+    def __post_init__(self) -> None:
+        if len(self.sums) != 3 + len(self.metric_names or ()):  # a rank new to a resumed run starts at zero
+            self.sums = torch.zeros(3 + len(self.metric_names), dtype=torch.float64)
 
     def shared(self) -> dict:
         """The rank-independent part, as stored under "progress" in state.pt."""
@@ -34,6 +40,11 @@ class TrainState:
 
     def reset_sums(self) -> None:
         self.sums.zero_()
+
+    def track_metrics(self, names: list[str]) -> None:
+        """Fix the metric names train.step returns; their running sums follow [loss sum, correct, count]."""
+        self.metric_names = list(names)
+        self.sums = torch.cat([self.sums[:3], self.sums.new_zeros(len(names))])
 
 
 def rng_state() -> dict:
@@ -110,10 +121,16 @@ def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv
     return {**staged, "ranks": ranks, "progress": state.shared()}
 
 
-def serialize(staged: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(staged, buf)
-    return buf.getvalue()
+def serialize(staged: dict, out: BinaryIO) -> None:
+    """torch.save the staged state into a file object, without torch's per-record CRC32: the store hashes
+    every byte with sha256 on the way (and checks it before any load), so the CRC32 pass would only slow the
+    writer. torch.load reads such files as usual."""
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(staged, out)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
 
 
 def load_bytes(data: bytes, source: str) -> dict:

@@ -1,7 +1,9 @@
 """Pretrained weights: read a file, a runner checkpoint or a checkpoint store from any fsspec URL, decode
 safetensors or torch.save data without running pickled code, find the weights in whatever dict the saving tool
 wrapped them in, map key prefixes (DDP, torch.compile, Lightning attributes) to the model's and load what
-matches. What trains afterwards (the phase plan) is runner/finetune.py."""
+matches. To continue the run a file was saved from (model.init_optimizer), the same read also gives what it saved
+besides the weights: optimizer, scheduler and GradScaler states, epoch. What trains afterwards (the phase plan) is
+runner/finetune.py."""
 from __future__ import annotations
 
 import io
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from runner.checkpoint import CheckpointStore, open_checkpoint
+from runner.drift import NOT_HYPERPARAMETERS
 from runner.errors import CheckpointError
 from runner.finetune import _under
 from runner.manifest import MANIFEST
@@ -24,6 +27,11 @@ from runner.manifest import MANIFEST
 # scripts, DeepSpeed. The first that holds a state_dict wins.
 WEIGHT_KEYS = ("model_state_dict", "state_dict", "model", "module")
 PREFIX_SYNTAX = "'model.' strips that prefix, '+backbone.' adds one, '' keeps the keys as saved"
+# Where they keep the rest of a run, first found wins: the PyTorch tutorials (…_state_dict, the AMP recipe's
+# 'scaler'), pytorch/examples and many scripts ('optimizer', 'scheduler'), Lightning (one-item lists).
+OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
+SCHEDULER_KEYS = ("scheduler_state_dict", "lr_scheduler", "scheduler", "lr_schedulers")
+SCALER_KEYS = ("scaler_state_dict", "scaler", "grad_scaler")
 
 
 def _one_line(err: BaseException) -> str:
@@ -148,14 +156,117 @@ def _state_dict_of(obj: object, url: str, kind: str | None) -> tuple[dict[str, t
                           f"checkpoint dict keeping one under {', '.join(WEIGHT_KEYS)}; save model.state_dict()")
 
 
-def _decode(data: bytes, path: str, url: str, trust_pickle: bool, kind: str | None) -> tuple[dict, str]:
+def _decode(data: bytes, path: str, url: str, trust_pickle: bool, kind: str | None) -> tuple[dict, str, object]:
+    """(weights, format name, what torch.load returned: None for safetensors)."""
     # safetensors: 8-byte header length, then a JSON header; torch.save files are zips ("PK")
     if path.endswith(".safetensors") or (data[8:9] == b"{" and not data.startswith(b"PK")):
         try:
-            return safetensors.torch.load(data), "safetensors"
+            return safetensors.torch.load(data), "safetensors", None
         except Exception as err:
             raise CheckpointError(f"{url} is not a valid safetensors file ({_one_line(err)})") from None
-    return _state_dict_of(_torch_load(data, url, trust_pickle), url, kind)
+    loaded = _torch_load(data, url, trust_pickle)
+    return (*_state_dict_of(loaded, url, kind), loaded)
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What a file saved besides the weights, to continue the run it came from (model.init_optimizer)."""
+    url: str                       # model.init_from
+    format: str                    # as the load report names it
+    keys: tuple[str, ...] = ()     # the checkpoint dict's top-level keys; () when the file is not one
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    epoch: int | None = None
+    global_step: int | None = None
+    runner_checkpoint: str | None = None  # its URL, when the file is runner's own
+
+    def require_optimizer(self) -> dict:
+        """The optimizer state, or a one-line error saying why this file cannot continue a run."""
+        if self.runner_checkpoint:
+            raise CheckpointError(f"{self.url} is a runner checkpoint: continue it with resume.mode: "
+                                  f"{self.runner_checkpoint}, which restores all of it; model.init_optimizer is "
+                                  "for checkpoints other tools wrote")
+        if self.optimizer is None:
+            has = f"its keys: {_names(self.keys, limit=8)}" if self.keys else f"it holds only weights ({self.format})"
+            raise CheckpointError(f"{self.url} holds no optimizer state to continue ({has}); save "
+                                  "optimizer.state_dict() under 'optimizer_state_dict' next to the weights, or set "
+                                  "model.init_optimizer: false to load only the weights")
+        return self.optimizer
+
+
+def _count(holder: Mapping, key: str, url: str) -> int | None:
+    value = holder.get(key)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{url}: its '{key}' is {value!r}, not a count; save it as an int")
+    return value
+
+
+def _found(holder: Mapping, keys: tuple[str, ...], has: str, url: str) -> dict | None:
+    """The first value under `keys` that is a dict holding `has`; Lightning's lists must hold one."""
+    for key in keys:
+        value = holder.get(key)
+        if isinstance(value, list):
+            if len(value) > 1:
+                raise CheckpointError(f"{url} holds {len(value)} states under '{key}', one per optimizer or "
+                                      "scheduler; runner continues a run that trained with one of each")
+            value = value[0] if value else None
+        if isinstance(value, Mapping) and has in value:
+            return dict(value)
+    return None
+
+
+def _saved_run(loaded: object, url: str, fmt: str, path: str, kind: str | None) -> SavedRun:
+    if kind == "runner checkpoint":
+        return SavedRun(url, fmt, runner_checkpoint=path.removesuffix("/state.pt"))
+    if not isinstance(loaded, Mapping) or _is_state_dict(loaded):
+        return SavedRun(url, fmt)
+    return SavedRun(url, fmt, tuple(map(str, loaded)),
+                    optimizer=_found(loaded, OPTIMIZER_KEYS, "param_groups", url),
+                    scheduler=_found(loaded, SCHEDULER_KEYS, "last_epoch", url),
+                    scaler=_found(loaded, SCALER_KEYS, "scale", url),  # {} from a disabled GradScaler: none
+                    epoch=_count(loaded, "epoch", url), global_step=_count(loaded, "global_step", url))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict, url: str) -> None:
+    """Load a saved optimizer state into `optimizer` (built over `model`) once it fits: as many parameter groups,
+    as many parameters in each, state tensors shaped like their parameters (so in the same order), and no
+    setting this optimizer does not have (a state saved from another optimizer)."""
+    groups, own = saved["param_groups"], optimizer.param_groups
+    names = ", ".join(str(g.get("name", i)) for i, g in enumerate(own))
+    fix = ("finetune.phases (lr_mult) and finetune.head make the groups: build them as the run that saved it did, "
+           "or set model.init_optimizer: false to load only the weights")
+    if len(groups) != len(own):
+        raise CheckpointError(f"{url}: its optimizer state has {len(groups)} parameter group(s), this job's "
+                              f"optimizer has {len(own)} ({names}); {fix}")
+    for i, (group, mine) in enumerate(zip(groups, own)):
+        if len(group["params"]) != len(mine["params"]):
+            raise CheckpointError(f"{url}: parameter group {i} of its optimizer state has {len(group['params'])} "
+                                  f"parameter(s), this job's group {i} ({mine.get('name', i)}) has "
+                                  f"{len(mine['params'])}; {fix}")
+    param_names = {id(p): n for n, p in model.named_parameters()}
+    for group, mine in zip(groups, own):
+        for key, param in zip(group["params"], mine["params"]):
+            for what, value in (saved["state"].get(key) or {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise CheckpointError(
+                        f"{url}: its optimizer state's {what} for {param_names.get(id(param), 'a parameter')} has "
+                        f"shape {tuple(value.shape)}, the parameter {tuple(param.shape)}: it was saved for another "
+                        "model or parameter order; save the optimizer of the same model class")
+    unknown = sorted({k for g in groups for k in g} - {k for g in own for k in g} - NOT_HYPERPARAMETERS)
+    if unknown:
+        raise CheckpointError(f"{url}: its optimizer state has the settings {', '.join(unknown)}, which this job's "
+                              f"{type(optimizer).__name__} does not take: it was saved from another optimizer; set "
+                              "optim.name to that one")
+    try:
+        optimizer.load_state_dict(saved)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{url}: its optimizer state does not load into this job's "
+                              f"{type(optimizer).__name__} ({_one_line(err)})") from None
 
 
 def _without_head(weights: dict, new_head: str | None) -> dict:
@@ -197,15 +308,22 @@ def find_mapping(weights: dict, own: dict, new_head: str | None, url: str) -> Ke
     return tied[0]
 
 
-def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None = None, strict: bool = True,
-                    trust_pickle: bool = False, new_head: str | None = None, prefix: str | None = None) -> str:
+def load_pretrained(model: nn.Module, url: str, **options) -> str:
+    """load_run's report: load the weights only."""
+    return load_run(model, url, **options)[0]
+
+
+def load_run(model: nn.Module, url: str, *, storage_options: dict | None = None, strict: bool = True,
+             trust_pickle: bool = False, new_head: str | None = None,
+             prefix: str | None = None) -> tuple[str, SavedRun]:
     """Load weights from a safetensors file, a state_dict, a checkpoint dict (PyTorch tutorial, Lightning .ckpt,
     {'model': …}, {'module': …}) or a runner checkpoint or store into `model`; returns a one-line report naming
-    the format and the key mapping. `new_head`: the module replace_head swaps out next; its keys are neither
-    loaded nor checked (a 1000-class fc meets a 10-class one). `prefix`: model.init_prefix (see parse_prefix);
-    None finds the mapping from the keys."""
+    the format and the key mapping, and what else the file saved (SavedRun). `new_head`: the module replace_head
+    swaps out next; its keys are neither loaded nor checked (a 1000-class fc meets a 10-class one). `prefix`:
+    model.init_prefix (see parse_prefix); None finds the mapping from the keys."""
     data, path, kind = _read(url, storage_options)
-    saved, fmt = _decode(data, path, url, trust_pickle, kind)
+    saved, fmt, loaded = _decode(data, path, url, trust_pickle, kind)
+    run = _saved_run(loaded, url, fmt, path, kind)
     own = _without_head(model.state_dict(), new_head)
     mapping = parse_prefix(prefix)
     if mapping is not None and mapping.prefix and not mapping.add and not any(k.startswith(mapping.prefix)
@@ -231,4 +349,4 @@ def load_pretrained(model: nn.Module, url: str, *, storage_options: dict | None 
               f"unexpected: {_names(unexpected)}") + (f"; new head: {new_head}" if new_head else "")
     report += f"; skipped (shape): {_names(mismatched)}" if mismatched else ""
     report += f"; ignored (outside '{mapping.prefix}'): {_names(ignored)}" if ignored else ""
-    return f"{report}; {found}"
+    return f"{report}; {found}", run

@@ -311,6 +311,43 @@ def test_failed_rewrite_of_a_step_keeps_the_old_checkpoint(store_url, monkeypatc
     assert _children(store_url) == {"step-000000005"}
 
 
+def test_a_streamed_file_is_hashed_on_the_way_and_reads_back(store_url):
+    """A file given as a writer function (how runner saves state.pt: torch.save streams into the store) gets
+    the same manifest entry as its bytes would, whatever sizes its writes come in (large ones are hashed on a
+    second thread while they are written; multipart upload on S3)."""
+    data = os.urandom(3 << 20) + b"tail"
+    cuts = [0, 5, 2 << 20, (2 << 20) + 1, len(data)]
+
+    def write(out):
+        for a, b in zip(cuts, cuts[1:]):
+            out.write(memoryview(data)[a:b])
+
+    store = _store(store_url)
+    url = store.commit(4, {"state.pt": write, "extra.bin": b"x"}, {})
+    entry = store.info(url).manifest["files"]["state.pt"]
+    assert (entry["size"], entry["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.read(url) == data and store.verify(url).valid
+
+
+def test_a_writer_that_fails_commits_nothing_and_keeps_the_previous_version(store_url):
+    """A state that cannot be serialized is the writer's fault, not the storage's: one line naming the file
+    (not a retryable storage error), and the step's committed version stays whole."""
+    store = _store(store_url)
+    url = _commit(store, 5, payload=b"old" * 10)
+
+    def broken(out):
+        out.write(b"half of it")
+        raise TypeError("cannot pickle 'generator' object")
+
+    with pytest.raises(CheckpointError, match=r"state\.pt.*TypeError: cannot pickle") as e:
+        store.commit(5, {"state.pt": broken}, {})
+    assert storage_fault(e.value) == "permanent" and "\n" not in str(e.value)
+    assert store.read(url) == b"old" * 10 and store.verify(url).valid
+    store.cleanup_partial()
+    fs, root = _raw(store_url)
+    assert _files(fs, f"{root}/step-000000005") == _referenced(fs, f"{root}/step-000000005")
+
+
 def test_a_local_rewrite_killed_between_its_renames_keeps_the_committed_checkpoint(tmp_path, monkeypatch):
     """The old version is moved aside before the new one is renamed in; a kill in between must not lose it."""
     store = CheckpointStore(str(tmp_path / "ckpt"))

@@ -17,15 +17,27 @@ JOB = {
     "checkpoint": {"every_steps": 7},
 }
 AGREEMENT = "preemption.py:_finish tolist"  # the flags of the previous step, a CPU tensor from a gloo all-reduce
+# train.step with metrics as a tensor and as a float, next to the job file
+USER_STEP = """
+import torch.nn.functional as F
+
+
+def step(model, batch):
+    x, y = batch
+    out = model(x)
+    return F.cross_entropy(out, y), {"acc": (out.argmax(1) == y).float().mean(), "half": 0.5}
+"""
 
 
 def counts(path, rank: int) -> dict[int, dict[str, int]]:
     return {int(step): c for step, c in json.loads((path.parent / f"{path.name}.rank{rank}.json").read_text()).items()}
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_no_host_reads_or_blocking_collectives_between_log_steps(tmp_path, nproc):
-    job = write_job(tmp_path, "job", base=JOB)
+@pytest.mark.parametrize("nproc, user_step", [(1, None), (1, "user_step:step"),
+                                               pytest.param(2, None, marks=pytest.mark.slow)])
+def test_no_host_reads_or_blocking_collectives_between_log_steps(tmp_path, nproc, user_step):
+    (tmp_path / "user_step.py").write_text(USER_STEP)
+    job = write_job(tmp_path, "job", base=JOB, train={"step": user_step})
     path = tmp_path / "syncs"
     env = {"RUNNER_TEST_COUNT_SYNCS": path, "OMP_NUM_THREADS": 1}
     ok(run_torchrun("train", job, nproc=nproc, env=env) if nproc > 1 else run_cli("train", job, env=env))
@@ -41,3 +53,6 @@ def test_no_host_reads_or_blocking_collectives_between_log_steps(tmp_path, nproc
         assert any("running_loss" in what or "dist.py" in what for what in found.get(10, {})), found.get(10)
         if nproc > 1:  # the agreement is read once per step, on the CPU, from an all-reduce started a step before
             assert found[quiet[-1]] == {AGREEMENT: 1}
+    if user_step:  # its metrics were accumulated and recorded
+        last = json.loads((tmp_path / "job" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["train_half"] == last["val_half"] == 0.5 and 0 < last["train_acc"] <= 1

@@ -362,9 +362,12 @@ def as_if_saved_on_cuda(data: bytes) -> bytes:
     """Rewrite a torch.save archive so that every storage claims to live on cuda:0.
 
     The pickle (protocol 2, no frames) names each storage's location as the string 'cpu'; a file written on
-    a GPU says 'cuda:0' there. The tensor bytes themselves are the same.
+    a GPU says 'cuda:0' there. The tensor bytes themselves are the same. Runner writes its archives without
+    torch's per-record CRC32 (sha256 covers them), which zipfile insists on: save it again with CRC32 first.
     """
-    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with_crc = io.BytesIO()
+    torch.save(torch.load(io.BytesIO(data), weights_only=True), with_crc)
+    src, out = zipfile.ZipFile(with_crc), io.BytesIO()
     cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
         for item in src.infolist():
