@@ -8,7 +8,9 @@ comes from the `bench` extra (`pip install -e '.[bench]'`); without it its colum
 
 Two times per run: `total` from nothing built to trained (data, model, optimizer, loop, teardown) and `steps`
 from the first training forward to the last (a forward pre-hook on the shared model), which leaves out each
-framework's fixed start-up cost. Writes benchmarks/results/compare.json.
+framework's fixed start-up cost. Writes benchmarks/results/compare.json. On Linux it runs with fixed glibc
+malloc thresholds (MALLOC_TUNABLES; set GLIBC_TUNABLES yourself to override), so that page faults from the
+allocator's moving mmap threshold do not decide the ratios.
 """
 from __future__ import annotations
 
@@ -284,7 +286,17 @@ def print_table(results: list[dict], seeding: dict) -> None:
               f"after {row['after_us']:6.2f}  (the fetch itself: {row['fetch_us']:.2f})")
 
 
+# glibc's malloc moves its mmap threshold as large blocks are freed, so whether a step's activations come from
+# the heap or from fresh mmaps (a page fault per 4 KiB on every step) depends on what the process freed before:
+# measured on the CNN, 90 k vs 485 k page faults per run for the same loop, a 5-18 % swing in step time that
+# followed whichever loop ran after the other. Fixed thresholds keep all three loops on the heap.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=134217728"
+
+
 def main() -> None:
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:  # read at process start: re-exec
+        os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best counts (default 3)")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated: {', '.join(WORKLOADS)}")
@@ -302,6 +314,7 @@ def main() -> None:
     report = {"machine": machine, "cpus": os.cpu_count(), "device": args.device, "threads": torch.get_num_threads(),
               "python": platform.python_version(), "torch": torch.__version__,
               "lightning": lightning_version() if with_lightning else None, "repeats": args.repeats,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
               "workloads": results, "runner_extras_per_step": RUNNER_EXTRAS, "seeding_us_per_sample": seeding}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
