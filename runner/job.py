@@ -94,9 +94,10 @@ def load_init_weights(job: Job) -> tuple[int, int]:
         return 0, 0
     report, saved = weights.load_run(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
                                      strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                     new_head=job.head, prefix=cfg.model.init_prefix)
+                                     new_head=job.head, prefix=cfg.model.init_prefix,
+                                     continuing=cfg.model.init_optimizer)
     log(report, job.env)
-    if not cfg.model.init_optimizer:
+    if saved is None:
         return 0, 0
     return continue_saved_run(job, saved)
 

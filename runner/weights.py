@@ -314,16 +314,17 @@ def load_pretrained(model: nn.Module, url: str, **options) -> str:
 
 
 def load_run(model: nn.Module, url: str, *, storage_options: dict | None = None, strict: bool = True,
-             trust_pickle: bool = False, new_head: str | None = None,
-             prefix: str | None = None) -> tuple[str, SavedRun]:
+             trust_pickle: bool = False, new_head: str | None = None, prefix: str | None = None,
+             continuing: bool = False) -> tuple[str, SavedRun | None]:
     """Load weights from a safetensors file, a state_dict, a checkpoint dict (PyTorch tutorial, Lightning .ckpt,
     {'model': …}, {'module': …}) or a runner checkpoint or store into `model`; returns a one-line report naming
-    the format and the key mapping, and what else the file saved (SavedRun). `new_head`: the module replace_head
+    the format and the key mapping, and with `continuing` (model.init_optimizer) what else the file saved
+    (SavedRun; otherwise None: the other fields of a weights-only load are never looked at). `new_head`: the module replace_head
     swaps out next; its keys are neither loaded nor checked (a 1000-class fc meets a 10-class one). `prefix`:
     model.init_prefix (see parse_prefix); None finds the mapping from the keys."""
     data, path, kind = _read(url, storage_options)
     saved, fmt, loaded = _decode(data, path, url, trust_pickle, kind)
-    run = _saved_run(loaded, url, fmt, path, kind)
+    run = _saved_run(loaded, url, fmt, path, kind) if continuing else None
     own = _without_head(model.state_dict(), new_head)
     mapping = parse_prefix(prefix)
     if mapping is not None and mapping.prefix and not mapping.add and not any(k.startswith(mapping.prefix)

@@ -113,6 +113,18 @@ def test_weights_are_found_under_each_key(tmp_path, holder, named):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
+def test_a_weights_only_load_ignores_what_a_continued_run_would_refuse(tmp_path):
+    """Two optimizers (a GAN's Lightning .ckpt) or an odd 'epoch' cannot continue a run, but they must not stop
+    model.init_from from loading the weights."""
+    job = write_job(tmp_path, base=JOB)
+    weights = source_weights(job)
+    torch.save({"state_dict": weights, "epoch": 2.5, "optimizer_states": [{"param_groups": [], "state": {}}] * 2},
+               tmp_path / "c.pt")
+    model = job_model(job)
+    load_pretrained(model, str(tmp_path / "c.pt"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
 def test_dict_without_weights_names_its_keys(tmp_path):
     torch.save({"epoch": 3, "loss": 0.5}, tmp_path / "c.pt")
     with pytest.raises(CheckpointError) as err:
