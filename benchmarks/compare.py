@@ -6,9 +6,10 @@ One process, one intra-op thread, rounds interleaved (raw, runner, lightning, ra
 machine's drift hits all three alike; the best of N rounds counts. No validation, no checkpoints. Lightning
 comes from the `bench` extra (`pip install -e '.[bench]'`); without it its column is skipped.
 
-Two times per run: `total` from nothing built to trained (data, model, optimizer, loop, teardown) and `steps`
+Three times per run: `total` from nothing built to trained (data, model, optimizer, loop, teardown), `steps`
 from the first training forward to the last (a forward pre-hook on the shared model), which leaves out each
-framework's fixed start-up cost. Writes benchmarks/results/compare.json. On Linux it runs with fixed glibc
+framework's fixed start-up cost, and the median time between two forwards (one step), which a passing
+disturbance of this shared machine does not move. Writes benchmarks/results/compare.json. On Linux it runs with fixed glibc
 malloc thresholds (MALLOC_TUNABLES; set GLIBC_TUNABLES yourself to override), so that page faults from the
 allocator's moving mmap threshold do not decide the ratios.
 """
@@ -192,7 +193,9 @@ def timed(run, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    return {"total_s": total, "steps_s": FORWARDS[-1] - FORWARDS[0], "forwards": len(FORWARDS)}
+    gaps = sorted(b - a for a, b in zip(FORWARDS, FORWARDS[1:]))
+    return {"total_s": total, "steps_s": FORWARDS[-1] - FORWARDS[0], "median_step_s": gaps[len(gaps) // 2],
+            "forwards": len(FORWARDS)}
 
 
 class NoNotice(http.server.BaseHTTPRequestHandler):
@@ -241,13 +244,15 @@ def compare(workload: str, repeats: int, device: torch.device, with_lightning: b
     for name, rs in runs.items():
         if any(r["forwards"] != w.steps for r in rs):
             raise SystemExit(f"{name} trained {rs[0]['forwards']} steps on {workload}, expected {w.steps}")
-    best = {name: {key: min(r[key] for r in rs) for key in ("total_s", "steps_s")} for name, rs in runs.items()}
+    best = {name: {key: min(r[key] for r in rs) for key in ("total_s", "steps_s", "median_step_s")}
+            for name, rs in runs.items()}
     for name, b in best.items():
         b["total_ratio"] = b["total_s"] / best["raw"]["total_s"]
         b["steps_ratio"] = b["steps_s"] / best["raw"]["steps_s"]
+        b["median_step_ratio"] = b["median_step_s"] / best["raw"]["median_step_s"]
         b["ms_per_step"] = 1000 * b["steps_s"] / (w.steps - 1)
     return {"workload": w.name, "steps": w.steps, "batch": w.batch, "epochs": w.epochs,
-            "results": {name: {k: round(v, 4) for k, v in b.items()} for name, b in best.items()}}
+            "results": {name: {k: round(v, 6) for k, v in b.items()} for name, b in best.items()}}
 
 
 def seeding_cost(repeats: int = 15) -> dict:
@@ -274,11 +279,13 @@ def seeding_cost(repeats: int = 15) -> dict:
 
 
 def print_table(results: list[dict], seeding: dict) -> None:
-    print(f"\n{'workload':<20} {'loop':<13} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8}")
+    print(f"\n{'workload':<20} {'loop':<13} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8} "
+          f"{'median ms':>9} {'× raw':>6}")
     for r in results:
         for name, b in r["results"].items():
             print(f"{r['workload']:<20} {name:<13} {b['total_s']:>8.3f} {b['total_ratio']:>6.2f} "
-                  f"{b['steps_s']:>8.3f} {b['steps_ratio']:>6.2f} {b['ms_per_step']:>8.3f}")
+                  f"{b['steps_s']:>8.3f} {b['steps_ratio']:>6.2f} {b['ms_per_step']:>8.3f} "
+                  f"{1000 * b['median_step_s']:>9.3f} {b['median_step_ratio']:>6.2f}")
     print("\nrunner beyond the raw loop (checkpoints off):\n  - " + "\n  - ".join(RUNNER_EXTRAS))
     print("\nper-sample seeding, µs over a direct fetch (before: python+numpy+torch; after: what it declares)")
     for label, row in seeding.items():

@@ -245,9 +245,10 @@ def forward_backward(job: Job, batch, samples: int, state: TrainState, group_siz
                 loss = job.loss_fn(out, y)
             else:
                 loss, metrics = call_step(job, model, batch, training=True)
-        job.scaler.scale(loss / group_size).backward()
+        # no division (and no autograd node for it) without accumulation: on a small model each op shows
+        job.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
     if job.step is None:
-        add_batch(state.sums, out, y, loss.detach().double() * samples)
+        add_batch(state.sums, out, y, loss.detach(), samples)
         return
     if state.metric_names is None:  # the run's first step names the metrics
         if "loss" in metrics:
@@ -256,13 +257,14 @@ def forward_backward(job: Job, batch, samples: int, state: TrainState, group_siz
     add_step(state.sums, state.metric_names, loss, metrics, samples)
 
 
-def add_batch(sums: torch.Tensor, out, y, loss_sum: torch.Tensor) -> None:
-    """Running [loss sum, correct, count] on the device, without reading anything back; accuracy only for
-    class-index targets."""
-    sums[0] += loss_sum
+def add_batch(sums: torch.Tensor, out, y, loss: torch.Tensor, weight: int) -> None:
+    """Running [loss sum, correct, count] on the device, without reading anything back: `loss` × `weight` (the mean
+    loss × the batch's samples, or a sum × 1), added in float64; accuracy only for class-index targets. As few ops
+    as that takes: on a small model each costs about as much as a layer."""
+    sums[0].add_(loss, alpha=weight)
     if not y.is_floating_point() and out.dim() == 2:
-        sums[1] += (out.argmax(1) == y).sum()
-    sums[2] += len(y)
+        sums[1].add_((out.argmax(1) == y).sum())
+    sums[2].add_(len(y))
 
 
 def optimizer_step(job: Job) -> None:
@@ -340,7 +342,7 @@ def evaluate(job: Job, names: list[str]) -> dict:
             x, y = pair(batch)
             out = model(x)
             loss = per_sample(out, y)
-            add_batch(sums, out, y, loss.double().sum() if loss.dim() else loss.double() * len(y))
+            add_batch(sums, out, y, *((loss.double().sum(), 1) if loss.dim() else (loss, len(y))))
     model.train(was_training)
     loss_sum, correct, count, *metric_sums = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}
