@@ -2,6 +2,7 @@
 # The GPU checks, in one command, on a CUDA machine: this machine's own Python and torch (PYTHONPATH=., no venv
 # build, no network). Prints the tables; writes benchmarks/results/*.json.
 #   bash benchmarks/gpu.sh
+# 0. benchmarks/gpu_check.py: fp16 and bf16 training, SIGTERM + resume bit-identical, the checkpoint loaded on the CPU;
 # 1. compare.py on one GPU: raw loop vs runner vs Lightning (if installed) on resnet18 with synthetic 224×224
 #    images, and the tiny MLP (where per-step overhead shows most);
 # 2. runner on 2 processes (DDP, NCCL) when there are 2 GPUs: the same resnet18 job, time per step;
@@ -14,6 +15,8 @@ import torch
 assert torch.cuda.is_available(), "benchmarks/gpu.sh needs a CUDA device"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
 PY
+checks=0
+python benchmarks/gpu_check.py || checks=$?  # the benchmarks still run: their tables help find out why
 python benchmarks/compare.py --device cuda --workloads resnet18,mlp --repeats 3
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   job=$(mktemp -d)/resnet18.yaml
@@ -34,3 +37,4 @@ YAML
   done
 fi
 RUNNER_BENCH_DEVICE=cuda python benchmarks/checkpoint_bench.py
+exit $checks
