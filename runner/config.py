@@ -52,11 +52,6 @@ class ModelConfig:
     epoch (the PyTorch tutorial's loop, Lightning's epoch-end checkpoints); `next`, the 0-based epoch to train next,
     i.e. the number of finished epochs (pytorch/examples' ImageNet script, Lightning's after trainer.fit)."""
 
-    def __post_init__(self):
-        if self.init_optimizer and not self.init_from:
-            raise ConfigError("model.init_optimizer: true continues the run saved in model.init_from, which is not "
-                              "set; set model.init_from to that file, or drop model.init_optimizer")
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -303,6 +298,9 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     if cfg.data.global_batch_size is not None and (cfg.data.global_batch_size <= 0 or cfg.train.accumulate != 1):
         raise ConfigError(f"{source}: 'data.global_batch_size' must be positive and replaces 'train.accumulate' "
                           "(runner derives the accumulation from the world size); leave train.accumulate at 1")
+    if cfg.model.init_optimizer and not cfg.model.init_from:
+        raise ConfigError(f"{source}: 'model.init_optimizer' continues the run saved in model.init_from, which is not "
+                          "set; set model.init_from to that file, or drop model.init_optimizer")
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError(f"{source}: 'checkpoint.keep_best' needs 'checkpoint.metric' (e.g. val_loss) to rank by")
     if cfg.out_dir and "://" in cfg.out_dir:

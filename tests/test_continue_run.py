@@ -215,7 +215,7 @@ def test_other_hyperparameters_are_refused_unless_allowed(tmp_path, capsys, one_
 
 @pytest.mark.parametrize("what, sections, message", [
     ("no file", {"model": {"init_optimizer": True}},
-     "model.init_optimizer: true continues the run saved in model.init_from, which is not set"),
+     "job.yaml: 'model.init_optimizer' continues the run saved in model.init_from, which is not set"),
     ("weights only", {}, "holds no optimizer state to continue (its keys: epoch, model_state_dict, loss); save "
                          "optimizer.state_dict() under 'optimizer_state_dict'"),
     ("another optimizer", {"optim": {"name": "SGD", "lr": 0.01}},
