@@ -28,10 +28,11 @@ from runner.manifest import MANIFEST
 WEIGHT_KEYS = ("model_state_dict", "state_dict", "model", "module")
 PREFIX_SYNTAX = "'model.' strips that prefix, '+backbone.' adds one, '' keeps the keys as saved"
 # Where they keep the rest of a run, first found wins: the PyTorch tutorials (…_state_dict, the AMP recipe's
-# 'scaler'), pytorch/examples and many scripts ('optimizer', 'scheduler'), Lightning (one-item lists).
+# 'scaler'), pytorch/examples and many scripts ('optimizer', 'scheduler'), Lightning (one-item lists; its fp16
+# GradScaler under its precision plugin's class name).
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
 SCHEDULER_KEYS = ("scheduler_state_dict", "lr_scheduler", "scheduler", "lr_schedulers")
-SCALER_KEYS = ("scaler_state_dict", "scaler", "grad_scaler")
+SCALER_KEYS = ("scaler_state_dict", "scaler", "grad_scaler", "MixedPrecision")
 
 
 def _one_line(err: BaseException) -> str:

@@ -185,6 +185,15 @@ def test_lightning_checkpoint_continues_and_its_global_step_checks_the_conventio
                            "last_finished" in one_line_error(err)
 
 
+def test_a_lightning_fp16_checkpoints_grad_scaler_is_read(tmp_path, capsys, one_thread):
+    """Lightning keeps an fp16 run's GradScaler under its precision plugin's class name: read, it cannot go on
+    in fp32 unless allowed (fp16 itself needs CUDA, so this is the case a CPU can check)."""
+    scaler = torch.amp.GradScaler("cpu").state_dict()
+    ckpt = lightning_file(tmp_path / "epoch=1-step=46.ckpt", 2, MixedPrecision=scaler)
+    status, _, err = train(tmp_path, capsys, model={"init_from": str(ckpt), "init_optimizer": True})
+    assert status == 2 and 'train.precision "fp16" → "32"' in one_line_error(err)
+
+
 def test_parameter_group_count_mismatch_is_one_line(tmp_path, capsys, one_thread):
     ckpt = tutorial_file(tmp_path / "ckpt.tar", 1, groups=2)
     status, _, err = train(tmp_path, capsys, model={"init_from": str(ckpt), "init_optimizer": True})
