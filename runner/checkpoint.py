@@ -112,6 +112,7 @@ def _open_fs(url: str, storage_options: dict | None):
 
 
 Payload = bytes | Callable[[BinaryIO], None]  # a file's bytes, or a function that writes them into a file
+_LARGE_WRITE = 1 << 20  # writes this big (tensor records) are hashed on a second thread and start writeback
 
 
 class HashingWriter:
@@ -119,15 +120,14 @@ class HashingWriter:
     sha256 and the write both release the GIL, so hashing adds no time when the disk is the slower of the two,
     and nothing holds the whole file in memory. `size` counts what was written."""
 
-    _PARALLEL_MIN = 1 << 20  # smaller chunks (pickle framing, headers) are hashed inline
-
     def __init__(self, out, hasher: ThreadPoolExecutor):
         self.out, self.hasher, self.sha, self.size = out, hasher, hashlib.sha256(), 0
         self.error: BaseException | None = None  # what the storage raised, as opposed to the payload's writer
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        pending = self.hasher.submit(self.sha.update, view) if len(view) >= self._PARALLEL_MIN else None
+        # smaller writes (pickle framing, headers) are hashed inline
+        pending = self.hasher.submit(self.sha.update, view) if len(view) >= _LARGE_WRITE else None
         if pending is None:
             self.sha.update(view)
         try:
@@ -176,7 +176,7 @@ class _EarlyWriteback:
 
     def write(self, data) -> int:
         n = self.f.write(data)
-        if n >= HashingWriter._PARALLEL_MIN and hasattr(os, "posix_fadvise"):
+        if n >= _LARGE_WRITE and hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):  # a hint: a filesystem that refuses it still gets the data
                 os.posix_fadvise(self.f.fileno(), self.offset, n, os.POSIX_FADV_DONTNEED)
         self.offset += n

@@ -332,10 +332,10 @@ def to_device(batch, device: torch.device, non_blocking: bool = False):
 
 
 def steps_per_epoch(size: int, world_size: int, batch_size: int, accumulate: int) -> int:
-    """Optimizer steps in a whole epoch, as the loop takes them: every rank's share is padded to
-    ceil(size / world_size) samples (ShardedSampler), loaded in batches of batch_size (the last may be short),
-    and every `accumulate` batches make a step (the last group may be short)."""
-    return math.ceil(math.ceil(math.ceil(size / world_size) / batch_size) / accumulate)
+    """Optimizer steps in a whole epoch, as the loop takes them: a rank's padded share (ShardedSampler), loaded in
+    batches of batch_size (the last may be short), every `accumulate` batches a step (the last group may be short)."""
+    share = len(ShardedSampler(size, 0, world_size, seed=0, shuffle=False, pad=True))
+    return math.ceil(math.ceil(share / batch_size) / accumulate)
 
 
 def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int,

@@ -103,7 +103,7 @@ class Staging:
 
 def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv, staging: Staging) -> dict | None:
     """Copy the training state to host memory; every rank must call (per-rank parts are gathered); rank 0 gets
-    the copy, which `serialize` turns into bytes off the training thread.
+    the copy, which `serialize` streams into the store off the training thread.
 
     Per rank: RNG states and the running metric sums of the epoch, so a resumed rank continues exactly.
     """
