@@ -139,18 +139,21 @@ class EventLog:
             return f.read(1) != b"\n"
 
 
+def json_lines(text: str) -> Iterator[dict]:
+    """The JSON objects of a .jsonl text, in order; a torn or unparsable line is skipped."""
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
 def read_events(path: str | Path) -> list[dict]:
     """Every complete record, in file order; a torn or unparsable line is skipped, a missing file is empty."""
     try:
         text = Path(path).read_text(errors="replace")
     except FileNotFoundError:
         return []
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("event"), str) and "launch" in record:
-            records.append(record)
-    return records
+    return [r for r in json_lines(text) if isinstance(r.get("event"), str) and "launch" in r]

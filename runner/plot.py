@@ -2,11 +2,10 @@
 preemption of the current lineage (events.jsonl) marked. matplotlib comes with the `plot` extra."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .events import EVENTS, read_events
+from .events import EVENTS, json_lines, read_events
 from .report import lineage_launches
 
 PANELS = (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")), ("learning rate", ("lr",)))
@@ -15,17 +14,10 @@ PANELS = (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_
 def read_history(path: Path) -> list[dict]:
     """metrics.jsonl's epoch records that have a step, in step order; unparsable lines are skipped."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; metrics are written at the end of each epoch") from None
-    history = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            history.append(record)
+    history = [record for record in json_lines(text) if isinstance(record.get("step"), int)]
     if not history:
         raise ConfigError(f"{path}: no epoch records yet; metrics are written at the end of each epoch")
     return sorted(history, key=lambda m: m["step"])
