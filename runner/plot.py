@@ -41,6 +41,11 @@ def plot(out_dir: Path, output: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("runner plot needs matplotlib: pip install 'runner-train[plot]'") from None
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if output.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"runner plot -o {output}: matplotlib cannot write '{output.suffix or 'no suffix'}'; "
+                          f"end the name in one of .{', .'.join(sorted(formats))} (e.g. curves.png)")
     history = read_history(out_dir / "metrics.jsonl")
     restarts, stops = marks(read_events(out_dir / EVENTS))
     panels = [(title, [k for k in keys if series(history, k)]) for title, keys in PANELS]
