@@ -139,8 +139,9 @@ def cmd_export(args) -> int:
     model, example, _, _ = model_from_job(cfg)
     url = export_source(cfg, args.checkpoint)
     load_pretrained(model, url, storage_options=cfg.checkpoint.storage_options)
-    fmt = export(model, example, args.out)
-    print(f"exported {url} to {args.out} ({fmt})")
+    files = export(model, example, args.out)
+    extra = f" with its weights in {files[1]} (keep the two files together)" if len(files) > 1 else ""
+    print(f"exported {url} to {args.out}{extra}")
     return 0
 
 

@@ -221,6 +221,15 @@ def test_plot_draws_curves_with_restarts_and_preemptions_marked(run_dir, tmp_pat
     assert green_and_red_pixels(plain / "curves.png") == (0, 0)
 
 
+def test_plot_to_a_format_matplotlib_cannot_write_is_one_line(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for name in ("curves.txt", "curves"):
+        assert main(["plot", str(run_dir), "-o", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and ".png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / name).exists()
+
+
 def test_plot_without_matplotlib_names_the_extra(run_dir, monkeypatch, capsys):
     write_metrics(run_dir)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra sees
