@@ -16,7 +16,7 @@ from . import models
 from .config import ModelConfig, OptimConfig, SchedulerConfig
 from .errors import ConfigError
 
-BUILTIN_MODELS = ("cnn", "mlp")
+BUILTIN_MODELS = ("cnn", "mlp", "gpt")
 LOSSES = {
     "cross_entropy": nn.CrossEntropyLoss,
     "mse": nn.MSELoss,

@@ -27,7 +27,7 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn"
-    """Built-in (`cnn`, `mlp`), `torchvision.<model>`, or a user class/factory `pkg.module:Name`."""
+    """Built-in (`cnn`, `mlp`, `gpt`), `torchvision.<model>`, or a user class/factory `pkg.module:Name`."""
     args: dict = field(default_factory=dict)
     """Keyword arguments for the model constructor."""
     num_classes: Optional[int] = None
@@ -56,7 +56,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"
-    """`digits`, `csv`, `imagefolder`, `synthetic`, `torchvision.<Dataset>`, or `pkg.module:factory`."""
+    """`digits`, `csv`, `imagefolder`, `synthetic`, `text`, `torchvision.<Dataset>`, or `pkg.module:factory`."""
     args: dict = field(default_factory=dict)
     """Dataset-specific options (path, columns, root, download, shape, augment, classes, …)."""
     batch_size: int = 32

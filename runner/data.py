@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, get_wo
 from .config import DataConfig
 from .errors import ConfigError
 
-BUILTIN_DATASETS = ("digits", "csv", "imagefolder", "synthetic")
+BUILTIN_DATASETS = ("digits", "csv", "imagefolder", "synthetic", "text")
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Datasets:
 
 def build_datasets(cfg: DataConfig) -> Datasets:
     args = dict(cfg.args)
-    builders = {"digits": digits, "csv": csv_table, "imagefolder": imagefolder, "synthetic": synthetic}
+    builders = {"digits": digits, "csv": csv_table, "imagefolder": imagefolder, "synthetic": synthetic,
+                "text": text}
     if cfg.name in builders:
         builder = builders[cfg.name]
     elif cfg.name.startswith("torchvision."):
@@ -154,6 +155,52 @@ def csv_table(path: str, target: str, features: list[str] | None = None, task: s
     train_idx, val_idx = split(len(x), val_fraction, split_seed)
     return Datasets(TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx]),
                     num_classes, (len(features),))
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of a token sequence: sample i is (tokens[i·c : i·c+c], the same shifted by one)."""
+
+    def __init__(self, tokens: torch.Tensor, context: int):
+        self.tokens, self.context = tokens, context
+
+    def __len__(self):
+        return (len(self.tokens) - 1) // self.context
+
+    def __getitem__(self, i):
+        start = i * self.context
+        chunk = self.tokens[start:start + self.context + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+def text(path: str, context: int = 256, val_fraction: float = 0.1, glob: str = "**/*.py",
+         max_bytes: int | None = None, storage_options: dict | None = None) -> Datasets:
+    """Byte-level language modelling on any text: a file or fsspec URL, a directory (its files matching `glob`,
+    in sorted order), or `stdlib` (this Python's own standard library source). Tokens are bytes (vocabulary
+    256); the split is by position — the last `val_fraction` of the bytes validate — so no window straddles it."""
+    import sysconfig
+
+    import fsspec
+
+    if context < 1 or not 0 <= val_fraction < 1:
+        raise ConfigError("data.args: text needs context ≥ 1 and 0 ≤ val_fraction < 1")
+    where = sysconfig.get_paths()["stdlib"] if path == "stdlib" else path
+    try:
+        fs, root = fsspec.core.url_to_fs(where, **(storage_options or {}))
+        files = sorted(fs.glob(f"{root.rstrip('/')}/{glob}")) if fs.isdir(root) else [root]
+        raw = bytearray()
+        for name in files:
+            if max_bytes is not None and len(raw) >= max_bytes:
+                break
+            raw += fs.cat_file(name)
+    except OSError as e:
+        raise ConfigError(f"data.args.path: cannot read text from '{where}' ({type(e).__name__}: {e})") from None
+    tokens = torch.frombuffer(raw[:max_bytes], dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+    cut = int(len(tokens) * (1 - val_fraction))
+    train, val = TokenWindows(tokens[:cut], context), TokenWindows(tokens[cut:], context)
+    if len(train) == 0:
+        raise ConfigError(f"data.args.path: '{where}' has {len(tokens)} bytes, fewer than one training window of "
+                          f"data.args.context={context}; use more text or a shorter context")
+    return Datasets(train, val if len(val) else None, 256, (context,))
 
 
 def imagefolder(root: str, val_root: str | None = None, size: int = 224, augment: bool = False) -> Datasets:
