@@ -14,7 +14,7 @@ from torch import nn
 
 from . import models
 from .config import ModelConfig, OptimConfig, SchedulerConfig
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 BUILTIN_MODELS = ("cnn", "mlp", "gpt")
 LOSSES = {
@@ -109,9 +109,8 @@ def torchvision_model(cfg: ModelConfig, num_classes: int | None) -> nn.Module:
     except OSError as e:  # urllib's URLError (no network, proxy, DNS) or a disk error while downloading
         if not cfg.weights:
             raise
-        first = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"model.weights: downloading {cfg.weights} weights for torchvision.{name} failed "
-                          f"({type(e).__name__}: {first}); check the network, or fetch the file where there is "
+                          f"({one_line(e)}); check the network, or fetch the file where there is "
                           "one and set model.init_from to it (state_dict .pth) instead of model.weights") from None
 
 

@@ -31,3 +31,10 @@ class StorageUnavailable(CheckpointError):
     """Storage did not answer (timeouts, refused connections, 5xx, throttling), still after retries."""
 
     exit_status = 1  # the same command may succeed later
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as "Type: first line of its message", for one-line errors that name their cause (torch's
+    messages run to many lines of detail)."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -73,15 +73,16 @@ def phase_span(phases: Sequence[Phase], index: int) -> tuple[int, int | None]:
     return start, None if index == len(phases) - 1 else start + phases[index].epochs
 
 
-def _under(name: str, path: str) -> bool:
+def under(name: str, path: str) -> bool:
+    """`name` is the module or parameter `path` or inside it (dotted names)."""
     return name == path or name.startswith(path + ".")
 
 
 def _selected(name: str, keys: Iterable[str], head: str | None) -> bool:
     """Does the parameter or module `name` fall under any of the phase's `keys`?"""
-    in_head = head is not None and _under(name, head)
+    in_head = head is not None and under(name, head)
     return any(key == "all" or (key == "head" and in_head) or (key == "backbone" and not in_head)
-               or (key not in KEYWORDS and _under(name, key)) for key in keys)
+               or (key not in KEYWORDS and under(name, key)) for key in keys)
 
 
 def _check_keys(model: nn.Module, keys: Iterable[str], head: str | None, where: str) -> None:
@@ -152,7 +153,7 @@ def param_groups(model: nn.Module, phases: Sequence[Phase], head: str | None) ->
         names.setdefault(key, key)
     members: dict[str, list] = {name: [] for name in [*sorted(set(names.values()) - {"head"}), "head", "rest"]}
     for pname, p in model.named_parameters():
-        owner = max((path for path in names if _under(pname, path)), key=len, default=None)
+        owner = max((path for path in names if under(pname, path)), key=len, default=None)
         members[names[owner] if owner is not None else "rest"].append(p)
     paths = {name: path for path, name in names.items()}
     return [{"params": ps, "name": name, "path": paths.get(name), "lr_mult": 1.0}
@@ -167,9 +168,9 @@ def _group_mult(phase: Phase, path: str | None, head: str | None) -> float:
         if key == "all":
             rank = -2
         elif key == "backbone":
-            rank = -1 if path is None or head is None or not _under(path, head) else -4
+            rank = -1 if path is None or head is None or not under(path, head) else -4
         else:
-            rank = len(target) if path is not None and target is not None and _under(path, target) else -4
+            rank = len(target) if path is not None and target is not None and under(path, target) else -4
         if rank > best_rank:
             best, best_rank = mult, rank
     return best

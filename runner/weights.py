@@ -19,8 +19,8 @@ from torch import nn
 
 from runner.checkpoint import CheckpointStore, open_checkpoint
 from runner.drift import NOT_HYPERPARAMETERS
-from runner.errors import CheckpointError
-from runner.finetune import _under
+from runner.errors import CheckpointError, one_line
+from runner.finetune import under
 from runner.manifest import MANIFEST
 
 # Where checkpoint dicts keep the weights: the PyTorch tutorial, Lightning (and timm, HF…), runner and many
@@ -33,10 +33,6 @@ PREFIX_SYNTAX = "'model.' strips that prefix, '+backbone.' adds one, '' keeps th
 OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optimizer_states")
 SCHEDULER_KEYS = ("scheduler_state_dict", "lr_scheduler", "scheduler", "lr_schedulers")
 SCALER_KEYS = ("scaler_state_dict", "scaler", "grad_scaler", "MixedPrecision")
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:
@@ -83,7 +79,7 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str, str | Non
             with fs.open(path, "rb") as f:
                 return f.read(), path, None
     except Exception as err:
-        raise CheckpointError(f"cannot read pretrained weights {url} ({_one_line(err)}); "
+        raise CheckpointError(f"cannot read pretrained weights {url} ({one_line(err)}); "
                               "check the URL and checkpoint.storage_options") from None
     if fs.exists(f"{path.rstrip('/')}/{MANIFEST}"):
         store, info = open_checkpoint(url, storage_options)
@@ -121,7 +117,7 @@ def _torch_load(data: bytes, url: str, trust_pickle: bool) -> object:
                 "weights, where it was made: torch.save(model.state_dict(), path) (Lightning: "
                 "torch.save(ckpt['state_dict'], path)), or set model.trust_pickle: true if you trust its source"
                 + (f" (other unsafe types in it: {_names(others, limit=3)})" if others else "")) from None
-        raise CheckpointError(f"cannot load {url} with torch.load ({_one_line(err)}); expected a safetensors, "
+        raise CheckpointError(f"cannot load {url} with torch.load ({one_line(err)}); expected a safetensors, "
                               "state_dict or checkpoint file") from None
 
 
@@ -164,7 +160,7 @@ def _decode(data: bytes, path: str, url: str, trust_pickle: bool, kind: str | No
         try:
             return safetensors.torch.load(data), "safetensors", None
         except Exception as err:
-            raise CheckpointError(f"{url} is not a valid safetensors file ({_one_line(err)})") from None
+            raise CheckpointError(f"{url} is not a valid safetensors file ({one_line(err)})") from None
     loaded = _torch_load(data, url, trust_pickle)
     return (*_state_dict_of(loaded, url, kind), loaded)
 
@@ -267,11 +263,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
         optimizer.load_state_dict(saved)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{url}: its optimizer state does not load into this job's "
-                              f"{type(optimizer).__name__} ({_one_line(err)})") from None
+                              f"{type(optimizer).__name__} ({one_line(err)})") from None
 
 
 def _without_head(weights: dict, new_head: str | None) -> dict:
-    return weights if new_head is None else {k: v for k, v in weights.items() if not _under(k, new_head)}
+    return weights if new_head is None else {k: v for k, v in weights.items() if not under(k, new_head)}
 
 
 def _candidates(saved: Iterable[str], own: Iterable[str]) -> set[KeyMapping]:

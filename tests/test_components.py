@@ -78,7 +78,7 @@ def test_unknown_torchvision_model_lists_them():
 def test_unknown_model_lists_available():
     message = config_error(build_model, ModelConfig(name="cnnn"), 10, (1, 8, 8))
     assert "model.name" in message and "did you mean 'cnn'" in message
-    assert "cnn, mlp" in message and "torchvision.<model>" in message and "pkg.module:Name" in message
+    assert "cnn, gpt, mlp" in message and "torchvision.<model>" in message and "pkg.module:Name" in message
 
 
 USER_MODELS = """

@@ -171,7 +171,7 @@ def test_cli_turns_every_config_error_into_one_line(tmp_path, capsys, monkeypatc
         out, err = capsys.readouterr()
         assert_one_line_error(name, code, out, err)
         if name == "unknown model name":
-            assert "model.name" in err and "cnn, mlp" in err
+            assert "model.name" in err and "cnn, gpt, mlp" in err
         if name == "missing file":
             assert str(args[0]) in err
 
