@@ -222,16 +222,25 @@ class Checkpointer:
     def _global_batch_change(self, found: Resume, written: dict) -> drift.Change | None:
         """The position is global, so any world size resumes at the exact sample; what may change is the global
         batch (samples per optimizer step), unless data.global_batch_size fixes it. Accepted with another world
-        size under resume.allow_world_size_change."""
+        size under resume.allow_world_size_change; on the same one when resume.allow_changes lists the keys that
+        changed it (data.batch_size, train.accumulate, data.global_batch_size), as the user wrote them."""
         cfg, env, saved = self.cfg, self.env, self._saved_world(found)
         data, train = written.get("data") or {}, written.get("train") or {}
-        old = data.get("global_batch_size") or (data.get("batch_size", cfg.data.batch_size) * saved
-                                                * (train.get("accumulate") or 1))
-        new = cfg.data.global_batch_size or cfg.data.batch_size * env.world_size * cfg.train.accumulate
+        was = {"data.global_batch_size": data.get("global_batch_size"),
+               "data.batch_size": data.get("batch_size", cfg.data.batch_size),
+               "train.accumulate": train.get("accumulate") or 1}
+        now = {"data.global_batch_size": cfg.data.global_batch_size, "data.batch_size": cfg.data.batch_size,
+               "train.accumulate": cfg.train.accumulate}
+        old = was["data.global_batch_size"] or was["data.batch_size"] * saved * was["train.accumulate"]
+        new = now["data.global_batch_size"] or now["data.batch_size"] * env.world_size * now["train.accumulate"]
         if old == new:
             return None
         if saved != env.world_size and cfg.resume.allow_world_size_change:
             log(f"the global batch changes from {old} to {new} (resume.allow_world_size_change)", env)
+            return None
+        moved = [key for key in was if was[key] != now[key]]
+        if saved == env.world_size and all(drift.is_allowed(key, list(cfg.resume.allow_changes)) for key in moved):
+            log(f"the global batch changes from {old} to {new} ({', '.join(moved)})", env)
             return None
         return drift.Change("data.global_batch_size", old, new)
 
@@ -447,27 +456,22 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def apply_changes(job: Job, changes: list[drift.Change], built_schedule: dict) -> None:
-    """Write allowed config changes into what the checkpoint restored: optimizer hyperparameters and scheduler
-    arguments, taken from the objects this job built before loading (so a removed argument gets its default);
-    everything else the loop reads from the config, so it applies by itself."""
+def apply_changes(job: Job, changes: list[drift.Change], built_schedule: dict | None = None) -> None:
+    """Write allowed config changes into what the checkpoint restored: a change to the optimizer or the schedule
+    means the job's new settings where the run is (continuation.rebuild_schedule: the new schedule at the restored
+    scheduler's step, the optimizer state kept); everything else the loop reads from the config, so it applies by
+    itself. `built_schedule` is no longer read."""
+    from .continuation import rebuild_schedule  # here: the rest of this module needs none of it
+
     optimizer, scheduler = job.optimizer, job.scheduler
-    for change in changes:
-        section, _, name = change.key.partition(".")
-        if change.key == "optim.lr":  # the scheduled LR and its anchors scale together
-            factor = change.new / change.old
+    if rebuild_schedule(job, changes, scheduler.last_epoch if scheduler is not None else 0):
+        return
+    for change in changes:  # optimizer changes under ReduceLROnPlateau: the LR keeps its reductions
+        if change.key == "optim.lr":
             for group in optimizer.param_groups:
-                for key in ("lr", "initial_lr"):
-                    if key in group:
-                        group[key] *= factor
-            if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
-        elif section == "optim" and name.startswith("args."):
-            arg = name.removeprefix("args.").split(".")[0]
+                group["lr"] *= change.new / change.old
+        elif change.key.startswith("optim.args."):
+            arg = change.key.removeprefix("optim.args.").split(".")[0]
             for group in optimizer.param_groups:
                 if arg in group and arg in optimizer.defaults:
                     group[arg] = optimizer.defaults[arg]
-        elif section == "scheduler" and name.startswith("args.") and scheduler is not None:
-            arg = name.removeprefix("args.").split(".")[0]
-            if arg in built_schedule:  # chainable schedules go on from the current LR with the new argument
-                setattr(scheduler, arg, built_schedule[arg])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import drift, finetune, weights
+from .components import build_optimizer, build_scheduler
 from .data import steps_per_epoch
 from .errors import CheckpointError, ConfigError
 from .metrics import log, warn
@@ -32,9 +33,10 @@ def continue_saved_run(job: Job, saved: weights.SavedRun) -> tuple[int, int]:
     weights.load_optimizer_state(job.optimizer, job.model, state, url)  # first: it checks the groups match
     allowed = list(cfg.resume.allow_changes)
     saved_schedule = saved.scheduler if fits_schedule(job, saved, built_schedule, allowed) else None
-    changes = drift.optimizer_changes(state["param_groups"], built)
+    changes = drift.optimizer_changes(state["param_groups"], at_position(job, saved_schedule, epoch) or built)
     if saved_schedule is not None:
-        changes += drift.scheduler_changes(saved_schedule, built_schedule, list(cfg.scheduler.args))
+        changes += drift.scheduler_changes(saved_schedule, built_schedule, list(cfg.scheduler.args),
+                                           state["param_groups"], built)
     if saved.scaler is not None and not job.scaler.is_enabled():
         changes.append(drift.Change("train.precision", "fp16", cfg.train.precision))
     refusal = drift.refusal(changes, allowed, url, what="was saved with other settings than this job's (file → job)",
@@ -48,11 +50,8 @@ def continue_saved_run(job: Job, saved: weights.SavedRun) -> tuple[int, int]:
         loaded.append("GradScaler")
     if saved_schedule is not None:
         job.scheduler.load_state_dict(saved_schedule)
-        for change in changes:
-            if change.key.startswith("scheduler.args."):
-                setattr(job.scheduler, change.key.removeprefix("scheduler.args."), change.new)
-        if hasattr(job.scheduler, "base_lrs"):  # the optim.lr a change may have set
-            job.scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in job.optimizer.param_groups]
+        if rebuild_schedule(job, changes, job.scheduler.last_epoch):  # the job's schedule where the file's is
+            finetune.apply_lr_mults(job.optimizer, job.scheduler, job.phases, finetune.phase_at(job.phases, epoch))
         loaded.append("scheduler")
     elif job.scheduler is not None:
         position += "; " + replay_schedule(job, built, epoch, step, url)
@@ -62,6 +61,19 @@ def continue_saved_run(job: Job, saved: weights.SavedRun) -> tuple[int, int]:
     if changes:
         log(f"continuing with this job's settings (resume.allow_changes): {drift.describe(changes)}", env)
     return epoch, step
+
+
+def at_position(job: Job, saved_schedule: dict | None, epoch: int) -> list[dict] | None:
+    """The job's groups where the file's schedule is (what a schedule moves, such as OneCycleLR's momentum, compares
+    there); None where that cannot be built (no schedule, ReduceLROnPlateau, a schedule too short: refused later)."""
+    if saved_schedule is None or isinstance(job.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return None
+    try:
+        fresh, schedule = schedule_at(job, saved_schedule.get("last_epoch", 0))
+    except ValueError:
+        return None
+    finetune.apply_lr_mults(fresh, schedule, job.phases, finetune.phase_at(job.phases, epoch))
+    return [{k: v for k, v in g.items() if k != "params"} for g in fresh.param_groups]
 
 
 def continued_position(job: Job, saved: weights.SavedRun) -> tuple[int, int, str]:
@@ -147,3 +159,44 @@ def replay_schedule(job: Job, built: list[dict], epoch: int, step: int, url: str
         for _ in range(times):
             scheduler.step()
     return f"no scheduler state saved: stepped this job's {name} {times} time(s) (scheduler.interval: {interval})"
+
+
+def rebuild_schedule(job: Job, changes: list[drift.Change], times: int) -> bool:
+    """Allowed changes to the optimizer or the schedule mean this job's new settings where the run is, as if it had
+    trained with them from the start: build its optimizer hyperparameters and scheduler anew from the config, step
+    the schedule `times` times from its start, and write both into the restored optimizer (its state, momentum and
+    Adam moments, is kept) and scheduler. Setting arguments on a restored scheduler would not do that: a chainable
+    schedule goes on from the current LR, OneCycleLR keeps max_lr in the groups and its phases from __init__.
+    Fine-tune multipliers start at 1 here, as in build_job. False (nothing done) when no such change is listed,
+    or only optimizer changes under ReduceLROnPlateau: its LR follows metrics, the caller scales it."""
+    moved = [c for c in changes if c.key.startswith(("optim.", "scheduler."))]
+    plateau = isinstance(job.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if not moved or (plateau and all(c.key.startswith("optim.") for c in moved)):
+        return False
+    what = drift.describe(moved)
+    if plateau:
+        raise ConfigError(f"{what}: ReduceLROnPlateau cannot be rebuilt where the run is without the metrics it "
+                          "saw; resume with its original arguments, or start a new run in another checkpoint.dir")
+    try:
+        fresh, schedule = schedule_at(job, times)
+    except ValueError as e:
+        raise ConfigError(f"{what}: the new {job.cfg.scheduler.name} cannot reach the run's position, {times} "
+                          f"scheduler step(s) ({e}); resume with values that reach it, or start a new run in "
+                          "another checkpoint.dir") from None
+    for group, new in zip(job.optimizer.param_groups, fresh.param_groups):
+        group.update({k: v for k, v in new.items() if k != "params"})
+    if schedule is not None:
+        job.scheduler.load_state_dict(schedule.state_dict())
+    return True
+
+
+def schedule_at(job: Job, times: int) -> tuple[torch.optim.Optimizer, object]:
+    """This job's optimizer and scheduler built anew from its config over its parameters (no state), the schedule
+    stepped `times` times from its start; ValueError where it cannot go that far (OneCycleLR past total_steps)."""
+    fresh = build_optimizer(job.cfg.optim, finetune.param_groups(job.model, job.phases, job.head))
+    schedule = build_scheduler(job.cfg.scheduler, fresh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": replaying, not training
+        for _ in range(times if schedule is not None else 0):
+            schedule.step()
+    return fresh, schedule

@@ -169,10 +169,26 @@ def one_or_all(values: list) -> Any:
     return values[0] if all(same(v, values[0]) for v in values) else values
 
 
-def scheduler_changes(saved: dict, built: dict, args: list[str]) -> list[Change]:
-    """The scheduler.args whose value in a saved scheduler state differs from the state this job built."""
-    return [Change(f"scheduler.args.{a}", saved[a], built[a]) for a in args
-            if a in saved and a in built and isinstance(built[a], (int, float, str)) and not same(saved[a], built[a])]
+def scheduler_changes(saved: dict, built: dict, args: list[str], saved_groups: list[dict],
+                      built_groups: list[dict]) -> list[Change]:
+    """The scheduler.args whose value in a saved scheduler state (and its optimizer's groups) differs from what
+    this job built, sorted by key; only values both sides hold, as a scalar on the job's."""
+    found = []
+    for a in sorted(args):
+        old, new = scheduler_arg(saved, saved_groups, a), scheduler_arg(built, built_groups, a)
+        if old is not UNSET and isinstance(new, (int, float, str)) and not same(old, new):
+            found.append(Change(f"scheduler.args.{a}", old, new))
+    return found
+
+
+def scheduler_arg(state: dict, groups: list[dict], name: str) -> Any:
+    """A scheduler argument as a saved state holds it: an attribute of the scheduler, else an entry of every
+    parameter group (OneCycleLR keeps max_lr, base_momentum and max_momentum there); UNSET where neither has it."""
+    if name in state:
+        return state[name]
+    if groups and all(name in g for g in groups):
+        return one_or_all([hyperparameter(g, name) for g in groups])
+    return UNSET
 
 
 def describe(found: list[Change]) -> str:
