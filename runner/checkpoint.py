@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, NamedTuple, TypeVar
 
 import fsspec
 
@@ -69,6 +69,15 @@ class CheckpointInfo:
     valid: bool
     reason: str  # "" when valid, else why not
     note: str = ""  # a flaw tolerated in a valid checkpoint, e.g. metrics that had to be ignored
+
+
+class Upload(NamedTuple):
+    """A multipart upload begun under a store and never completed or aborted (its writer was killed)."""
+    key: str  # the object key it would create, in its bucket
+    name: str  # that key relative to the store, e.g. step-000000008/state.<nonce>.pt
+    upload_id: str
+    parts: int
+    size: int  # bytes of the parts uploaded so far: S3 keeps (and bills) them until the upload is aborted
 
 
 def _warn_stderr(msg: str) -> None:
@@ -219,6 +228,7 @@ class CheckpointStore:
         self.local = bool({"file", "local"} & set(protocols))
         # Relative local paths become absolute so URLs stay valid if the working directory changes.
         self.url = self.root if self.local and "://" not in url else url.rstrip("/")
+        self._uploading: set[str] = set()  # paths this store is writing now: its own uploads are not orphans
 
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -317,20 +327,46 @@ class CheckpointStore:
 
     def _put(self, path: str, payload: Payload, label: str) -> tuple[int, str]:
         """Upload one object (multipart for large ones, by the fsspec backend); a failure aborts the upload
-        instead of completing a partial object."""
-        f = self.fs.open(path, "wb")
+        instead of completing a partial object. A kill cannot abort it: cleanup_partial does, at the next start."""
+        self._uploading.add(path)
         try:
-            written = write_payload(f, payload, label)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                if hasattr(f, "discard"):  # fsspec's buffered files: abort the (multipart) upload
-                    f.discard()
-                    f.closed = True  # else its __del__ would try to finish the discarded upload
-                else:
-                    f.close()
-            raise
-        f.close()
-        return written
+            f = self.fs.open(path, "wb")
+            try:
+                written = write_payload(f, payload, label)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    if hasattr(f, "discard"):  # fsspec's buffered files: abort the (multipart) upload
+                        f.discard()
+                        f.closed = True  # else its __del__ would try to finish the discarded upload
+                    else:
+                        f.close()
+                raise
+            f.close()
+            return written
+        finally:
+            self._uploading.discard(path)
+
+    def incomplete_uploads(self) -> list[Upload]:
+        """S3 multipart uploads under this store that were neither completed nor aborted (a writer killed
+        mid-upload), except this store's own in progress. S3 keeps their parts forever; other backends need no
+        cleanup (GCS resumable sessions and Azure uncommitted blocks expire by themselves within a week)."""
+        call = getattr(self.fs, "call_s3", None)  # s3fs only
+        if call is None:
+            return []
+        bucket, key, _ = self.fs.split_path(self.root)
+        prefix = f"{key.strip('/')}/" if key.strip("/") else ""
+        own = {self.fs.split_path(p)[1] for p in self._uploading}
+        found, more = [], {}
+        while True:
+            page = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **more)
+            for up in page.get("Uploads", []):
+                if up["Key"] not in own:
+                    parts = call("list_parts", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"]).get("Parts", [])
+                    found.append(Upload(up["Key"], up["Key"][len(prefix):], up["UploadId"], len(parts),
+                                        sum(p["Size"] for p in parts)))
+            if not page.get("IsTruncated"):
+                return found
+            more = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     def _relative_files(self, base: str) -> list[str]:
         return [p[len(base) + 1:] for p in self.fs.find(base)]
@@ -515,10 +551,12 @@ class CheckpointStore:
         return [i.url for i in doomed]
 
     def cleanup_partial(self) -> list[str]:
-        """Remove leftovers of interrupted writes: .tmp-* dirs, step dirs with no MANIFEST.json, and objects
-        in a valid step dir that its manifest does not reference (a failed rewrite). Returns their URLs.
+        """Remove leftovers of interrupted writes: .tmp-* dirs, step dirs with no MANIFEST.json, objects in a
+        valid step dir that its manifest does not reference (a failed rewrite) and incomplete S3 multipart
+        uploads (a writer killed mid-upload). Returns their URLs.
 
-        Call it only when no other process is writing to this store (e.g. at start-up, on rank 0).
+        Call it only when no other process is writing to this store (e.g. at start-up, on rank 0, holding the
+        lease: every upload begun before is then an orphan or a fenced-out writer's).
         """
         removed = []
         with storage_errors("clean up", self.url):
@@ -537,6 +575,17 @@ class CheckpointStore:
                     for obj in unreferenced(info.manifest, sizes):
                         self.fs.rm_file(f"{self._path(name)}/{obj}")
                         removed.append(f"{self._url(name)}/{obj}")
+            try:
+                for up in self.incomplete_uploads():
+                    self.fs.call_s3("abort_multipart_upload", Bucket=self.fs.split_path(self.root)[0], Key=up.key,
+                                    UploadId=up.upload_id)
+                    removed.append(self._url(up.name))
+            except Exception as e:
+                if not is_storage_exc(e):
+                    raise
+                # They cost space, not correctness: a store that refuses to list them must not stop the run.
+                _warn_stderr(f"could not abort the incomplete uploads under {self.url} ({one_line(e)}); S3 keeps "
+                             "their parts until they are aborted (a lifecycle rule AbortIncompleteMultipartUpload)")
         return removed
 
 

@@ -113,7 +113,7 @@ class Checkpointer:
         self.store.probe()
         self.lease = Lease(self.store.fs, self.store.root, self.store.url,
                            ttl_s=self.cfg.checkpoint.lease_ttl_s)
-        self.lease.acquire()
+        self.lease.acquire(should_stop=preemption.requested)  # a stop while waiting ends the wait
         self.lease.start_heartbeat()
         for url in self.store.cleanup_partial():  # safe now: no other writer holds the lease
             warn(f"removed incomplete checkpoint write {url}")

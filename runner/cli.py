@@ -178,12 +178,14 @@ def cmd_ckpt_inspect(args) -> int:
 
     from .checkpoint import open_checkpoint
     from .state import load_bytes
+    from .store_cli import epoch_of
 
     store, info = open_checkpoint(args.url, storage_options(args))
     m = info.manifest or {}
     if "sample_in_epoch" in m:
-        print(f"position: step {m.get('step')}, epoch {m.get('epoch', 0) + 1}, global sample {m['sample_in_epoch']} "
-              f"of the epoch, written by {m.get('world_size')} process(es)")
+        epoch, sample = epoch_of(m), m["sample_in_epoch"]
+        where = f"end of epoch {epoch}" if sample == 0 and m.get("epoch") else f"epoch {epoch}, global sample {sample} of the epoch"
+        print(f"position: step {m.get('step')}, {where}, written by {m.get('world_size')} process(es)")
     print(json.dumps(info.manifest, indent=2, sort_keys=True))
     state = load_bytes(store.read(info), info.url)
     for section in ("model", "optimizer", "scheduler", "scaler"):

@@ -10,7 +10,7 @@ is a small JSON record, {"owner", "host", "pid", "heartbeat", "ttl_s"}, that its
   once). It writes its record, waits SETTLE_S and reads it back: with no compare-and-swap the last writer
   wins, and a starter that reads someone else's record has lost the race and waits like everyone else.
 - A live holder makes a starter wait up to ttl_s + WAIT_MARGIN_S for the lease to expire, then fail
-  with LeaseHeld.
+  with LeaseHeld; a stop requested meanwhile (`should_stop`) ends the wait at once with StoppedWaiting.
 - A holder whose heartbeat finds another owner's record has been fenced out (`lost`), and `still_ours()`
   right before each commit keeps it from committing.
 
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from runner.storage_faults import one_line, storage_errors
 from runner.errors import CheckpointError
@@ -44,6 +46,15 @@ WAIT_MARGIN_S = 5.0  # default wait beyond the TTL: the holder's last heartbeat 
 class LeaseHeld(CheckpointError):
     """Another live run holds the checkpoint directory's lease."""
     exit_status = 2
+
+
+class StoppedWaiting(LeaseHeld):
+    """A stop was requested while waiting for another run's lease: nothing was trained, nothing is lost. Exits
+    128 + the signal's number (143 for SIGTERM, also for a cloud notice), as a process the signal ended would."""
+
+    def __init__(self, message: str, reason: str = "SIGTERM"):  # the default: unpickling passes only the message
+        super().__init__(message)
+        self.exit_status = 128 + getattr(signal.Signals, reason, signal.SIGTERM)
 
 
 def _parse(blob: bytes) -> dict | None:
@@ -132,8 +143,9 @@ class Lease:
         record = self._read()
         return None if record is not None and record["owner"] == self.owner else record
 
-    def acquire(self, wait_s: float | None = None) -> None:
-        """Take the lease, waiting up to `wait_s` (default ttl_s + WAIT_MARGIN_S) for a live holder's to expire."""
+    def acquire(self, wait_s: float | None = None, should_stop: Callable[[], str | None] = lambda: None) -> None:
+        """Take the lease, waiting up to `wait_s` (default ttl_s + WAIT_MARGIN_S) for a live holder's to expire;
+        `should_stop()` names a stop requested meanwhile (e.g. "SIGTERM"), which ends the wait (StoppedWaiting)."""
         wait_s = self.ttl_s + WAIT_MARGIN_S if wait_s is None else wait_s
         start, waited_for = time.monotonic(), None
         while True:
@@ -144,6 +156,9 @@ class Lease:
                     log(f"took the lease on {self.url} after waiting {time.monotonic() - start:.0f}s")
                 return
             left = start + wait_s - time.monotonic()
+            if stop := should_stop():
+                raise StoppedWaiting(f"stopped by {stop} while waiting for the lease on {self.url}, held by another "
+                                     f"run ({_holder(holder)}); nothing was trained", stop)
             if left <= 0:
                 raise LeaseHeld(f"{self.url} is being written by another run ({_holder(holder)}); stop it, "
                                 f"or wait until its lease expires (ttl {holder['ttl_s']:g}s)")

@@ -1,7 +1,9 @@
 """`runner report`: where the wall time of a run went, launch by launch, from <out_dir>/events.jsonl.
 
 A launch is one process start of rank 0 (a torchrun restart is a new launch). Only the current lineage
-counts: the run id of the newest launch that knows one. Per launch, by construction,
+counts: the run id of the newest launch that knows one. A launch that exited without learning a run id was
+refused (the lease, config drift, a bad config) and trained nothing: it is listed apart, never counted. Per
+launch, by construction,
     wall = restore + productive + recompute + stall + eval + other
 and the run's elapsed time is the sum of walls and gaps. The categories are defined in the README,
 "What a run did".
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
@@ -48,21 +50,32 @@ class LaunchReport:
 
 
 @dataclass
+class Refused:
+    """A launch that exited before it joined a lineage: it trained nothing."""
+    launch: str
+    started: float
+    host: str | None
+    status: int | None             # its exit status: 2 (the lease, config drift, a bad config), 143 (SIGTERM), …
+
+
+@dataclass
 class Report:
     run_id: str | None
     launches: list[LaunchReport]
+    refused: list[Refused] = field(default_factory=list)
 
     def totals(self) -> dict:
         sums = {key: round(sum(getattr(launch, key) for launch in self.launches), 3) for key in SUMMED}
         elapsed = sums["gap_s"] + sums["wall_s"]
+        steps = [launch.final_step for launch in self.launches if launch.final_step is not None]
         return {"launches": len(self.launches), **sums, "elapsed_s": round(elapsed, 3),
                 "effective_ratio": ratio(sums["productive_s"], elapsed),
                 "lost_steps": sum(launch.lost_steps for launch in self.launches),
-                "final_step": self.launches[-1].final_step if self.launches else None}
+                "final_step": steps[-1] if steps else None, "refused": len(self.refused)}
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "launches": [asdict(launch) for launch in self.launches],
-                "totals": self.totals()}
+                "refused": [asdict(launch) for launch in self.refused], "totals": self.totals()}
 
 
 def run_dir(run_dir_or_job: str) -> Path:
@@ -85,13 +98,24 @@ def load_events(out_dir: Path) -> list[dict]:
     return records
 
 
-def lineage_launches(records: list[dict]) -> tuple[str | None, list[list[dict]]]:
-    """The current run id and its launches (each a list of records), in start order. A launch that never
-    learnt its run id (killed while starting) belongs to the run if it started after the run's first launch."""
+def launches_of(records: list[dict]) -> list[list[dict]]:
+    """Every launch (its records), in start order."""
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(str(record["launch"]), []).append(record)
-    launches = sorted(groups.values(), key=start_time)
+    return sorted(groups.values(), key=start_time)
+
+
+def refused(launch: list[dict]) -> bool:
+    """Exited without learning a run id: refused (the lease, config drift, a bad config), trained nothing."""
+    return run_id_of(launch) is None and first_of(launch, "exit") is not None
+
+
+def lineage_launches(records: list[dict]) -> tuple[str | None, list[list[dict]]]:
+    """The current run id and its launches (each a list of records), in start order; refused launches are not
+    among them. A launch killed before it learnt its run id belongs to the run if it started after the run's
+    first launch."""
+    launches = [launch for launch in launches_of(records) if not refused(launch)]
     ids = [run_id_of(launch) for launch in launches]
     known = [run_id for run_id in ids if run_id is not None]
     if not known:
@@ -109,7 +133,12 @@ def build_report(records: list[dict]) -> Report:
         report = launch_report(launch, previous_end)
         previous_end = report.started + report.wall_s
         reports.append(report)
-    return Report(run_id, reports)
+    return Report(run_id, reports, [refused_report(launch) for launch in launches_of(records) if refused(launch)])
+
+
+def refused_report(records: list[dict]) -> Refused:
+    start, exit_ = first_of(records, "start") or {}, first_of(records, "exit")
+    return Refused(str(records[0]["launch"]), start_time(records), start.get("host"), exit_.get("status"))
 
 
 def launch_report(records: list[dict], previous_end: float | None) -> LaunchReport:
@@ -198,9 +227,12 @@ def format_report(report: Report, out_dir: Path) -> str:
              .rstrip() for row in rows]
     head = (f"run {report.run_id or '(unknown)'} in {out_dir}: {totals['launches']} launch(es), "
             f"{totals['lost_steps']} step(s) lost to kills, final step {totals['final_step']}, "
-            f"{duration(totals['elapsed_s'])} elapsed")
+            f"{duration(totals['elapsed_s'])} elapsed" + (f", {len(report.refused)} refused launch(es) not counted"
+                                                          if report.refused else ""))
+    refused = [f"refused (trained nothing, not counted): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.started))}"
+               f" on {r.host or '?'}, exit {r.status}" for r in report.refused]
     foot = "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\""
-    return "\n".join([head, *lines, foot])
+    return "\n".join([head, *lines, *refused, foot])
 
 
 def report_command(run_dir_or_job: str, as_json: bool) -> str:

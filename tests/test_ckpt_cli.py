@@ -65,7 +65,7 @@ def test_ls_shows_step_epoch_time_size_metrics_valid(store):
     assert sorted(rows) == [1, 2, 3]  # every step: the every_minutes cadence (3 is also the epoch end)
     for n, (epoch, when, size, metrics, status) in rows.items():
         manifest = json.loads((step(store, n) / "MANIFEST.json").read_text())
-        assert epoch == str(manifest["epoch"]) and status == "valid"
+        assert epoch == "1" and status == "valid"  # all in epoch 1, as the log numbers it (step 3 ends it)
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", when) and re.fullmatch(r"[\d.]+ KiB", size)
     assert rows[1][3] == "-" and rows[2][3] == "-"  # no epoch finished yet: no metrics
     assert all(f"{key}=" in rows[3][3] for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
@@ -100,7 +100,7 @@ def test_verify_exit_codes(copy, tmp_path, capsys):
     code, out, _ = main(capsys, "ckpt", "verify", step(copy, 3))
     assert code == 0 and "1 checkpoint(s) verified, 0 invalid" in out
     code, out, _ = main(capsys, "ckpt", "verify", tmp_path / "empty")
-    assert code == 1 and "no checkpoints under" in out
+    assert code == 0 and "no checkpoints under" in out  # nothing invalid
     code, out, err = main(capsys, "ckpt", "verify", step(copy, 7))
     assert code == 2 and err.count("\n") == 1 and "no checkpoint at" in err and "step-000000007" in err
 
@@ -111,8 +111,7 @@ def test_inspect_prints_manifest_and_tensor_shapes(store, capsys):
     head, _, tensors = out.partition("\n\n[model]\n")
     position, _, manifest_text = head.partition("\n")
     manifest = json.loads(manifest_text)
-    assert position == (f"position: step 3, epoch {manifest['epoch'] + 1}, global sample "
-                        f"{manifest['sample_in_epoch']} of the epoch, written by 1 process(es)")
+    assert position == "position: step 3, end of epoch 1, written by 1 process(es)"
     assert manifest == json.loads((step(store, 3) / "MANIFEST.json").read_text())
     assert manifest["step"] == 3 and manifest["world_size"] == 1 and manifest["finished"]
     assert {"state.pt"} == set(manifest["files"]) and manifest["config"]["model"]["args"]["width"] == 8

@@ -105,7 +105,7 @@ def test_report_table_and_json_from_the_out_dir_or_the_job_file(run_dir, tmp_pat
     job = write_job(tmp_path, "job", out_dir=str(run_dir))
     assert main(["report", str(job), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"out_dir", "run_id", "launches", "totals"}
+    assert set(data) == {"out_dir", "run_id", "launches", "refused", "totals"}
     assert data["out_dir"] == str(run_dir) and data["run_id"] == "run-B"
     assert [launch["status"] for launch in data["launches"]] == [None, 75, 0]
     assert [launch["lost_steps"] for launch in data["launches"]] == [0, 40, 0]
@@ -272,3 +272,29 @@ def test_report_of_a_real_run_through_a_sigterm_and_a_sigkill(tmp_path):
         parts = sum(launch[k] for k in ("restore_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s"))
         assert parts == pytest.approx(launch["wall_s"], abs=0.05), launch
         assert launch["productive_s"] > 0 and launch["restore_s"] > 0
+
+
+def test_refused_launches_are_listed_apart_and_never_counted(run_dir, capsys):
+    # A second launch refused by the lease while L3 runs, then a relaunch of the finished run refused for drift:
+    # neither learnt a run id, and neither trained.
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write(record("start", 1450, "R1", None, world_size=1, host="d", restart=0))
+        f.write(record("exit", 1515, "R1", None, status=2, step=None))
+        f.write(record("start", 1700, "R2", None, world_size=1, host="c", restart=0))
+        f.write(record("exit", 1705, "R2", None, status=2, step=None))
+    report = build_report(read_events(run_dir / "events.jsonl"))
+    assert [launch.host for launch in report.launches] == ["a", "b", "c"]
+    assert [(r.launch, r.host, r.status) for r in report.refused] == [("R1", "d", 2), ("R2", "c", 2)]
+    totals = report.totals()
+    assert (totals["launches"], totals["final_step"], totals["elapsed_s"], totals["refused"]) == (3, 300, 600, 2)
+    assert main(["report", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("final step 300, 10m00s elapsed, 2 refused launch(es) not counted")
+    assert "2023-11-14 22:37:30 on d, exit 2" in "\n".join(lines) and lines[-3].startswith("refused")
+
+
+def test_final_step_is_the_lineages_last_trained_step(run_dir):
+    # A launch killed while starting (no run id, no step) is the lineage's last: the final step stays L3's.
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write(record("start", 1700, "L4", None, world_size=1, restart=0))
+    assert build_report(read_events(run_dir / "events.jsonl")).totals()["final_step"] == 300
