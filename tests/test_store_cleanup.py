@@ -120,7 +120,7 @@ def test_a_stop_ends_the_wait_for_the_lease_at_once(held):
 
 
 def test_sigterm_while_waiting_for_the_lease_exits_143_and_the_report_lists_a_refused_launch(tmp_path, held):
-    job = write_job(tmp_path, "job", preemption={"grace_s": 5})
+    job = write_job(tmp_path, "job", preemption={"grace_s": 20})
     log = tmp_path / "train.log"
     with launched(runner_cmd("train", job), log) as proc:
         deadline = time.monotonic() + 120
@@ -130,7 +130,7 @@ def test_sigterm_while_waiting_for_the_lease_exits_143_and_the_report_lists_a_re
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         assert proc.wait(30) == 143, log.read_text()
-        assert time.monotonic() - t0 < 4  # not the watchdog's grace_s + 2 s later
+        assert time.monotonic() - t0 < 10  # not the watchdog's grace_s + 2 s later
     text = log.read_text()
     assert "runner: error: stopped by SIGTERM while waiting for the lease on" in text and "nothing was trained" in text
     assert "stuck" not in text and not list(held.glob("step-*"))
