@@ -176,10 +176,10 @@ def test_allowed_changes_are_applied_and_logged(interrupted, tmp_path, capsys):
     assert code == 0, err
     assert "applied config changes" in out and "optim.lr 0.01 → 0.5" in out
     state, manifest = newest_state(tmp_path / "d" / "checkpoints")
-    # StepLR(3, 0.5) halved the LR at step 3: at the checkpoint (step 4) it was 0.005; the new base 0.5 scales it
-    # by 50, and step_size 5 schedules the remaining halvings at steps 5, 10 and 15.
+    # The new schedule where the run is: StepLR(step_size 5, gamma 0.5) from the new base 0.5, as if the run had used
+    # it from the start (README, "Config drift"): halved at steps 5, 10 and 15.
     assert state["scheduler"]["step_size"] == 5 and manifest["config"]["optim"]["lr"] == 0.5
-    assert math.isclose(state["optimizer"]["param_groups"][0]["lr"], 0.25 * 0.5 ** 3)
+    assert math.isclose(state["optimizer"]["param_groups"][0]["lr"], 0.5 * 0.5 ** 3)
     metrics = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
 
