@@ -10,6 +10,7 @@ RUNNER_TEST_COUNT_SYNCS=PATH            count runner's own host reads of tensors
 RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
                                           (so a restarted job does not fail again)
 RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in checkpoint.py: pause between data files and manifest
+RUNNER_TEST_SLOW_EVAL_S=SECONDS          pause before each evaluation batch (a long evaluation)
 RUNNER_TEST_DUMP_WEIGHTS=DIR             when training ends, every rank saves its model's state_dict to
                                           DIR/rank{RANK}.pt (only rank 0 writes checkpoints; the
                                           distributed tests compare the ranks' weights)
@@ -43,6 +44,13 @@ def inject_fault(step: int, env) -> None:
             return
         while True:
             time.sleep(3600)
+
+
+def slow_eval_batch() -> None:
+    """RUNNER_TEST_SLOW_EVAL_S: each evaluation batch takes that much longer."""
+    seconds = os.environ.get("RUNNER_TEST_SLOW_EVAL_S")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def fail_commit(step: int) -> None:

@@ -24,14 +24,14 @@ from .data import SeededDataset, ShardedSampler, make_loader, to_device
 from .dist import DistEnv
 from .errors import ConfigError, RunnerError
 from .events import EVENTS, EventLog
-from .faults import count_host_syncs, dump_weights, inject_fault
+from .faults import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
 from .job import Job, build_job
 from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
 from .state import TrainState
 from .step import add_step, call_step, pair
 from .tensorboard import TensorBoard
 
-EPOCH_END, MAX_STEPS, PREEMPTED = "epoch end", "max steps", "preempted"
+EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempted", "early stop"
 
 
 @dataclass
@@ -104,6 +104,10 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         seeded.epoch = state.epoch
         sampler.set_epoch(state.epoch, start=state.sample_in_epoch)
         outcome = train_epoch(job, ckpt, launch, loader, state)
+        if outcome != PREEMPTED:
+            if cfg.data.num_workers and job.data.val is not None:
+                ckpt.before_fork()  # the validation loader forks its workers too
+            outcome = end_epoch(job, state, launch, outcome)
         if outcome == PREEMPTED:
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
             status = ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
@@ -112,15 +116,12 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
                 launch.watcher.provider.acknowledge(notice)
                 launch.events.emit("notice_acknowledged", provider=notice.provider, event_id=notice.event_id)
             return status
-        if cfg.data.num_workers and job.data.val is not None:
-            ckpt.before_fork()  # the validation loader forks its workers too
-        stop_early = end_epoch(job, state, launch.events, complete=outcome == EPOCH_END)
         launch.tensorboard.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
             ckpt.raise_diverged(state, "non-finite loss")
-        state.finished = (outcome == MAX_STEPS or stop_early or state.epoch >= cfg.train.max_epochs
+        state.finished = (outcome in (MAX_STEPS, EARLY_STOP) or state.epoch >= cfg.train.max_epochs
                           or reached_max_steps(cfg, state))
-        ckpt.maybe_save(job, state, epoch_end=outcome == EPOCH_END)
+        ckpt.maybe_save(job, state, epoch_end=outcome != MAX_STEPS)
         if state.finished:
             break
     launch.events.timers.switch("other")
@@ -181,6 +182,9 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
     if cfg.data.num_workers:
         ckpt.before_fork()
     for index, batch in enumerate(loader):
+        if index == 0 and stop_agreed(launch.agreement, settle=True):
+            bar.close()  # a stop during the start (resume, the loader's first batch) takes no step first
+            return PREEMPTED
         # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
         group_start = index - index % job.accumulate
         group_size = min(job.accumulate, batches - group_start)
@@ -220,6 +224,17 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
             ckpt.maybe_save(job, state, due_now=decision.save_now)
     bar.close()
     return EPOCH_END
+
+
+def stop_agreed(agreement: preemption.StopAgreement, settle: bool) -> bool:
+    """Outside the steps (the first batch, evaluation): whether some rank got a stop request, agreed as after a
+    step (with `settle`, at once; else one call later), nothing left in flight when it says stop."""
+    decision = agreement.after_step(preemption.requested() is not None, False, False, settle=settle)
+    if decision.stop:
+        if decision.final:
+            stop_launcher()  # every node's agent, not only the one whose VM got the notice
+        agreement.settle()
+    return decision.stop
 
 
 def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
@@ -262,8 +277,9 @@ def add_batch(sums: torch.Tensor, out, y, loss: torch.Tensor, weight: int) -> No
     loss × the batch's samples, or a sum × 1), added in float64; accuracy only for class-index targets. As few ops
     as that takes: on a small model each costs about as much as a layer."""
     sums[0].add_(loss, alpha=weight)
-    if not y.is_floating_point() and out.dim() == 2:
-        sums[1].add_((out.argmax(1) == y).sum())
+    if not y.is_floating_point() and out.dim() == y.dim() + 1:  # class scores in dim 1, per sample or per token
+        hits = out.argmax(1) == y
+        sums[1].add_(hits.sum() if hits.dim() == 1 else hits.flatten(1).double().mean(1).sum())
     sums[2].add_(len(y))
 
 
@@ -284,13 +300,17 @@ def autocast(job: Job):
     return torch.autocast(job.env.device.type, dtype=dtype)
 
 
-def end_epoch(job: Job, state: TrainState, events: EventLog, complete: bool) -> bool:
-    """Reduce train metrics, evaluate, record history, step the epoch scheduler; True → stop early.
+def end_epoch(job: Job, state: TrainState, launch: Launch, outcome: str) -> str:
+    """Reduce train metrics, evaluate, record history, step the epoch scheduler; returns `outcome`, EARLY_STOP,
+    or PREEMPTED when a stop cut the evaluation (nothing changed: the resumed run evaluates the epoch again).
 
-    Also called when max_steps ends an epoch early (complete=False): the run's last weights get evaluated,
-    and the position stays where training stopped.
+    When max_steps ends an epoch early (outcome MAX_STEPS) the run's last weights get evaluated and recorded
+    as partial, and nothing else moves: no scheduler or early-stopping step, the running sums and the
+    position stay where training stopped, so a run extended from here goes on as if it had never stopped.
+    A partial record is replaced by the next record of the run (a later partial one, or the full epoch's).
     """
-    cfg, env = job.cfg, job.env
+    cfg, env, events = job.cfg, job.env, launch.events
+    complete = outcome != MAX_STEPS
     names = state.metric_names or []
     loss_sum, correct, count, *metric_sums = dist.all_sum(state.sums, env)
     metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
@@ -298,33 +318,46 @@ def end_epoch(job: Job, state: TrainState, events: EventLog, complete: bool) -> 
         metrics["train_acc"] = correct / max(count, 1)
     metrics.update({f"train_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     with events.timers.during("eval"):
-        metrics.update(evaluate(job, names))
+        val = evaluate(job, names, launch.agreement)
+    if val is None:
+        log(f"evaluation of epoch {state.epoch + 1} cut by the stop request; the resumed run evaluates it again",
+            env)
+        return PREEMPTED
+    metrics.update(val)
     metrics["lr"] = job.optimizer.param_groups[-1]["lr"]
-    state.reset_sums()
-    if job.scheduler is not None and cfg.scheduler.interval == "epoch":
-        step_epoch_scheduler(job, metrics)
+    if complete:
+        state.reset_sums()
+        if job.scheduler is not None and cfg.scheduler.interval == "epoch":
+            step_epoch_scheduler(job, metrics)
+    else:
+        metrics["partial"] = True
     if cfg.checkpoint.keep_best:  # before any save: a misspelled metric must not rank (and prune) by nothing
         metric_value(metrics, cfg.checkpoint.metric, "checkpoint.metric")
+    if state.history and state.history[-1].get("partial"):
+        state.history.pop()
     state.history.append(metrics)
     events.emit("epoch", step=state.step, epoch=metrics["epoch"], metrics=metrics)
+    stop = False
     if complete:
         state.epoch, state.sample_in_epoch = state.epoch + 1, 0
-    stop = early_stopping(cfg, state, metrics)
+        stop = early_stopping(cfg, state, metrics)
     log(format_epoch(metrics) + (" — early stop" if stop else ""), env)
     if env.is_main:
         write_history(Path(cfg.out_dir) / "metrics.jsonl", state.history)
-    return stop
+    return EARLY_STOP if stop else outcome
 
 
-def evaluate(job: Job, names: list[str]) -> dict:
+def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | None = None) -> dict | None:
     """Sharded, unpadded evaluation of the plain module; sums over ranks count every sample once. With train.step:
-    its loss and metrics `names` averaged over samples."""
+    its loss and metrics `names` averaged over samples. None: a stop request, agreed by all ranks after a batch
+    that every rank has (unpadded shares differ by one sample), cut it."""
     if job.data.val is None:
         return {}
     cfg, env, model = job.cfg, job.env, job.model
     dist.broadcast_buffers(model, env)  # BatchNorm statistics drift per rank; evaluate (and save) rank 0's
     sampler = ShardedSampler(len(job.data.val), env.rank, env.world_size, 0, shuffle=False, pad=False)
     batch_size, left = cfg.data.eval_batch_size or cfg.data.batch_size, len(sampler)
+    common = math.ceil(len(job.data.val) // env.world_size / batch_size)  # batches of the smallest share
     loader = make_loader(job.data.val, sampler, batch_size, cfg.data.num_workers, env.device.type == "cuda")
     per_sample = copy.copy(job.loss_fn)
     if hasattr(per_sample, "reduction"):
@@ -334,15 +367,21 @@ def evaluate(job: Job, names: list[str]) -> dict:
     model.eval()
     with torch.no_grad(), autocast(job):
         for index, batch in enumerate(loader):
+            slow_eval_batch()
             batch = to_device(batch, env.device)
             if job.step is not None:
                 loss, metrics = call_step(job, model, batch, training=False)
                 add_step(sums, names, loss, metrics, min(batch_size, left - index * batch_size))
-                continue
-            x, y = pair(batch)
-            out = model(x)
-            loss = per_sample(out, y)
-            add_batch(sums, out, y, *((loss.double().sum(), 1) if loss.dim() else (loss, len(y))))
+            else:
+                x, y = pair(batch)
+                out = model(x)
+                loss = per_sample(out, y)
+                if loss.dim() > 1:  # per token (a sequence): each sample's mean, as the training loss weighs them
+                    loss = loss.flatten(1).double().mean(1)
+                add_batch(sums, out, y, *((loss.double().sum(), 1) if loss.dim() else (loss, len(y))))
+            if agreement is not None and index < common and stop_agreed(agreement, settle=index + 1 == common):
+                model.train(was_training)
+                return None
     model.train(was_training)
     loss_sum, correct, count, *metric_sums = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}

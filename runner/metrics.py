@@ -61,7 +61,9 @@ class ProgressBar:
 def format_epoch(metrics: dict) -> str:
     parts = [f"epoch {metrics['epoch'] + 1}", f"step {metrics['step']}"]
     for key, value in metrics.items():
-        if key not in ("epoch", "step"):
+        if key == "partial":  # max_steps stopped the run inside the epoch
+            parts.append("(partial epoch)")
+        elif key not in ("epoch", "step"):
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " ".join(parts)
 

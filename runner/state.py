@@ -21,7 +21,9 @@ class TrainState:
     epoch: int = 0               # current epoch, 0-based
     sample_in_epoch: int = 0     # the epoch's global position: samples all ranks consumed (data.ShardedSampler)
     step: int = 0                # optimizer steps done
-    history: list = field(default_factory=list)  # one metrics dict per finished epoch
+    # one metrics dict per finished epoch, then a partial one ("partial": True) where max_steps stopped the run
+    # inside an epoch: the epoch's full record replaces it when an extended run finishes that epoch
+    history: list = field(default_factory=list)
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
