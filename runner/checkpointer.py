@@ -172,13 +172,12 @@ class Checkpointer:
         if data is None:  # the other ranks read what rank 0 chose
             store, info = open_checkpoint(found.url, cfg.checkpoint.storage_options)
             data = store.read(info)
-        built_schedule = job.scheduler.state_dict() if job.scheduler is not None else {}  # this job's arguments
         written = found.manifest.get("config") or {}
         legacy_batch = (written.get("data") or {}).get("batch_size", cfg.data.batch_size) * self._saved_world(found)
         state = restore(load_bytes(data, found.url), job.model, job.optimizer, job.scheduler, job.scaler, env,
                         found.url, cfg.train.seed, legacy_batch)
         if changes:
-            apply_changes(job, changes, built_schedule)
+            apply_changes(job, changes, scheduler_steps(cfg, state))
             log(f"applied config changes (resume.allow_changes): {drift.describe(changes)}", env)
         if found.lineage.parent == found.url:
             log(f"starting run {found.lineage.run_id} from pinned checkpoint {found.url}", env)
@@ -456,15 +455,22 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def apply_changes(job: Job, changes: list[drift.Change], built_schedule: dict | None = None) -> None:
+def scheduler_steps(cfg: RunConfig, state: TrainState) -> int:
+    """How often this job's scheduler has stepped by the run's position: per optimizer step or per finished epoch.
+    From the position, not the restored scheduler, so a changed `scheduler.interval` or a scheduler added on resume
+    starts where the run is."""
+    return state.step if cfg.scheduler.interval == "step" else state.epoch
+
+
+def apply_changes(job: Job, changes: list[drift.Change], scheduler_steps: int) -> None:
     """Write allowed config changes into what the checkpoint restored: a change to the optimizer or the schedule
-    means the job's new settings where the run is (continuation.rebuild_schedule: the new schedule at the restored
-    scheduler's step, the optimizer state kept); everything else the loop reads from the config, so it applies by
-    itself. `built_schedule` is no longer read."""
+    means the job's new settings where the run is (continuation.rebuild_schedule: the new schedule after
+    `scheduler_steps` steps, the optimizer state kept); everything else the loop reads from the config, so it
+    applies by itself."""
     from .continuation import rebuild_schedule  # here: the rest of this module needs none of it
 
-    optimizer, scheduler = job.optimizer, job.scheduler
-    if rebuild_schedule(job, changes, scheduler.last_epoch if scheduler is not None else 0):
+    optimizer = job.optimizer
+    if rebuild_schedule(job, changes, scheduler_steps):
         return
     for change in changes:  # optimizer changes under ReduceLROnPlateau: the LR keeps its reductions
         if change.key == "optim.lr":

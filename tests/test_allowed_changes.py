@@ -170,3 +170,13 @@ def test_the_rebuilt_schedule_keeps_the_fine_tune_phase_multiplier(tmp_path, cap
                            "resume.allow_changes=[scheduler.args]", capsys=capsys)
     assert code == 0, err
     assert lrs(tmp_path / "ft")[2:] == pytest.approx([cosine(e, 4) * 0.5 for e in (2, 3)])
+
+
+def test_a_schedule_changed_to_per_step_starts_at_the_run_s_step(tmp_path, capsys):
+    """The new schedule's position is the run's (16 optimizer steps), not the old scheduler's count (2 epochs)."""
+    job = write_job(tmp_path, "cos", base=JOB, scheduler={"name": "CosineAnnealingLR", "args": {"T_max": 2}})
+    assert train(job, capsys=capsys)[0] == 0
+    code, out, err = train(job, "train.max_epochs=4", "scheduler.args.T_max=32", "scheduler.interval=step",
+                           "resume.allow_changes=[scheduler]", capsys=capsys)
+    assert code == 0, err
+    assert lrs(tmp_path / "cos")[2:] == pytest.approx([cosine(24, 32), cosine(32, 32)], abs=1e-9)
