@@ -260,6 +260,8 @@ def test_failed_emergency_save_exits_3_and_names_the_last_committed_step(s3_serv
             wait_until(lambda: "MANIFEST.json" in objects(url, direct).get(45, set()), "step 45 committed",
                        proc, log)
             proxy.cut()
+            # steps past the commit, so there is something to save (a stop at the epoch's start has none)
+            wait_until(lambda: last_step(out_dir) > 47, "steps after 45", proc, log)
             os.kill(proc.pid, signal.SIGTERM)
             out = finish(proc, log)
         assert proc.returncode == EMERGENCY_SAVE_FAILED_EXIT, out[-3000:]
