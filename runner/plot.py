@@ -41,8 +41,9 @@ def plot(out_dir: Path, output: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("runner plot needs matplotlib: pip install 'runner-train[plot]'") from None
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()  # the canvas savefig uses: no figure needed to ask
     if output.suffix.lstrip(".").lower() not in formats:
         raise ConfigError(f"runner plot -o {output}: matplotlib cannot write '{output.suffix or 'no suffix'}'; "
                           f"end the name in one of .{', .'.join(sorted(formats))} (e.g. curves.png)")
