@@ -50,7 +50,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from runner.checkpoint import CheckpointStore  # noqa: E402
+from runner.store import CheckpointStore  # noqa: E402
 from runner.checkpointer import yield_to_training  # noqa: E402
 from runner.data import ShardedSampler, make_loader  # noqa: E402
 from runner.dist import DistEnv  # noqa: E402

@@ -25,22 +25,20 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__, dist, drift, preemption
-from .checkpoint import CheckpointStore, open_checkpoint, storage_errors, storage_fault
 from .config import RunConfig, manifest_config, to_dict
 from .data import seed_all
 from .dist import DistEnv
 from .events import EventLog
-from .faults import fail_commit
+from .test_hooks import fail_commit
 from .errors import CheckpointError, ConfigError, RunnerError, StorageError
-from .job import Job, load_init_weights
-from .lease import LEASE, Lease
-from .metrics import log, warn
+from .continuation import apply_changes, load_init_weights
+from .job import Job
+from .console import log, warn
+from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, open_checkpoint, run_id_of,
+                    storage_errors, storage_fault)
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
-LEGACY_RUN = "legacy"  # the run id of format-1 checkpoints
-RETRIES = 3          # attempts per periodic save before giving up until the next cadence
-BACKOFF_S = 1.0      # first retry delay; doubles each attempt
 WRITER_NICE = 10     # the background writer's CPU priority (Linux nice, per thread)
 FENCED = "another run took over the lease on {url}; this launch stops without writing there"
 
@@ -70,7 +68,7 @@ def new_run_id() -> str:
 
 
 def lineage_of(manifest: dict) -> Lineage:
-    return Lineage(str(manifest.get("run_id") or LEGACY_RUN), str(manifest.get("started_by") or "auto"),
+    return Lineage(run_id_of(manifest), str(manifest.get("started_by") or "auto"),
                    manifest.get("parent"))
 
 
@@ -81,11 +79,11 @@ class Checkpointer:
         self.store = CheckpointStore(self.url, cfg.checkpoint.storage_options)
         self.lease: Lease | None = None
         self.lineage: Lineage | None = None
-        self.last_save = time.monotonic()
+        self.last_save_at = time.monotonic()
         self.last_committed: int | None = None
         self.writer: threading.Thread | None = None
         self.write_ok, self.written_bytes = True, 0
-        self.last_save_s: float | None = None  # rank 0: blocked + write seconds of the last committed save
+        self.last_save_took_s: float | None = None  # rank 0: blocked + write seconds of the last committed save
         self.broken: str | None = None  # rank 0: why saving can no longer work (fenced out, permanent fault)
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
         self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
@@ -262,7 +260,7 @@ class Checkpointer:
     def poll(self) -> tuple[bool, bool]:
         """This rank's (save due by wall time, saving is broken); the loop agrees on them across ranks."""
         minutes = self.cfg.checkpoint.every_minutes
-        due = bool(minutes) and time.monotonic() - self.last_save >= minutes * 60
+        due = bool(minutes) and time.monotonic() - self.last_save_at >= minutes * 60
         if self.lease is not None and self.lease.lost and self.broken is None:
             self.broken = FENCED.format(url=self.url)
         return due, self.broken is not None
@@ -279,7 +277,7 @@ class Checkpointer:
         with self.events.timers.during("stall") as blocked:
             if dist.any_rank([not weights_finite(job.model)], self.env)[0]:
                 self.raise_diverged(state, "non-finite weights")
-            self.last_save = time.monotonic()
+            self.last_save_at = time.monotonic()
             if self.env.is_main:
                 self.wait()  # one snapshot at a time: the staging buffers are free again
             staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
@@ -331,12 +329,12 @@ class Checkpointer:
         finally:
             write_s = time.perf_counter() - t0
             if self.write_ok:
-                self.last_save_s = blocked_s + write_s
+                self.last_save_took_s = blocked_s + write_s
             self.events.emit("checkpoint", step=meta["step"], bytes=self.written_bytes, blocked_s=blocked_s,
                              write_s=write_s, committed=self.write_ok, emergency=emergency)
 
     def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
-        step, attempts = meta["step"], 1 if emergency else RETRIES
+        step, attempts = meta["step"], 1 if emergency else RETRY_ATTEMPTS
         self.write_ok, self.written_bytes = False, 0
 
         def write_state(out) -> None:  # streamed into the store; an unserializable value is a permanent fault
@@ -361,7 +359,7 @@ class Checkpointer:
                     if permanent:
                         self.broken = f"saving to {self.url} cannot work: {e}"
                     return
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
         self.last_committed = step
         log(f"checkpoint step {step} committed: {url}")
         self.write_ok = True
@@ -461,23 +459,3 @@ def scheduler_steps(cfg: RunConfig, state: TrainState) -> int:
     starts where the run is."""
     return state.step if cfg.scheduler.interval == "step" else state.epoch
 
-
-def apply_changes(job: Job, changes: list[drift.Change], scheduler_steps: int) -> None:
-    """Write allowed config changes into what the checkpoint restored: a change to the optimizer or the schedule
-    means the job's new settings where the run is (continuation.rebuild_schedule: the new schedule after
-    `scheduler_steps` steps, the optimizer state kept); everything else the loop reads from the config, so it
-    applies by itself."""
-    from .continuation import rebuild_schedule  # here: the rest of this module needs none of it
-
-    optimizer = job.optimizer
-    if rebuild_schedule(job, changes, scheduler_steps):
-        return
-    for change in changes:  # optimizer changes under ReduceLROnPlateau: the LR keeps its reductions
-        if change.key == "optim.lr":
-            for group in optimizer.param_groups:
-                group["lr"] *= change.new / change.old
-        elif change.key.startswith("optim.args."):
-            arg = change.key.removeprefix("optim.args.").split(".")[0]
-            for group in optimizer.param_groups:
-                if arg in group and arg in optimizer.defaults:
-                    group[arg] = optimizer.defaults[arg]

@@ -3,12 +3,12 @@ their exit status (2: fix the job; 1: storage still unavailable after retries; 4
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from .console import error
 from .errors import ConfigError, RunnerError
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,9 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RunnerError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"runner: error (rank {rank}): " if rank and os.environ.get("WORLD_SIZE", "1") != "1" else "runner: error: "
-        print(prefix + str(e), file=sys.stderr, flush=True)
+        error(str(e))
         return e.exit_status
 
 
@@ -106,7 +104,7 @@ def cmd_summary(args) -> int:
 def export_source(cfg, choice: str | None) -> str:
     """The URL `runner export --checkpoint` names: the newest valid checkpoint (None), 'best', 'step-N' of the
     job's checkpoint.dir, or a URL as given."""
-    from .checkpoint import STEP_RE, CheckpointStore
+    from .store import STEP_RE, CheckpointStore
     from .store_cli import best_checkpoint
 
     store = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.storage_options)
@@ -156,7 +154,7 @@ def storage_options(args) -> dict:
 
 
 def cmd_ckpt_ls(args) -> int:
-    from .checkpoint import CheckpointStore
+    from .store import CheckpointStore
     from .store_cli import describe_listing
 
     print(describe_listing(CheckpointStore(args.url, storage_options(args)), args.metric, args.mode))
@@ -176,7 +174,7 @@ def cmd_ckpt_inspect(args) -> int:
 
     import torch
 
-    from .checkpoint import open_checkpoint
+    from .store import open_checkpoint
     from .state import load_bytes
     from .store_cli import epoch_of
 

@@ -1,6 +1,8 @@
-"""model.init_optimizer: continue a run that a training script saved (the PyTorch tutorial's dict, a Lightning
-.ckpt): its optimizer, scheduler and GradScaler states and the epoch it reached, checked against this job's settings
-under the drift rule (runner/drift.py). README, "Continue a hand-written run"; docs/design.md.
+"""What a start puts into the built job besides a checkpoint: `model.init_from` on a fresh start and, with
+model.init_optimizer, the run a training script saved (the PyTorch tutorial's dict, a Lightning .ckpt): its
+optimizer, scheduler and GradScaler states and the epoch it reached, checked against this job's settings under the
+drift rule (runner/drift.py). Allowed optimizer and scheduler changes are applied here, on resume as on
+continuation (`apply_changes`). README, "Continue a hand-written run"; docs/design.md.
 """
 from __future__ import annotations
 
@@ -13,11 +15,27 @@ from . import drift, finetune, weights
 from .components import build_optimizer, build_scheduler
 from .data import steps_per_epoch
 from .errors import CheckpointError, ConfigError
-from .metrics import log, warn
+from .console import log, warn
 
 if TYPE_CHECKING:
     from .job import Job
 
+
+def load_init_weights(job: Job) -> tuple[int, int]:
+    """model.init_from into the built model (the replaced head's weights are neither loaded nor required); with
+    model.init_optimizer, continue the run it was saved from. Returns where training starts: (0-based epoch,
+    optimizer steps done), (0, 0) unless a run is continued."""
+    cfg = job.cfg
+    if not cfg.model.init_from:
+        return 0, 0
+    report, saved = weights.load_run(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
+                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
+                                     new_head=job.head, prefix=cfg.model.init_prefix,
+                                     continuing=cfg.model.init_optimizer)
+    log(report, job.env)
+    if saved is None:
+        return 0, 0
+    return continue_saved_run(job, saved)
 
 def continue_saved_run(job: Job, saved: weights.SavedRun) -> tuple[int, int]:
     """Load the optimizer, scheduler and scaler states a training script saved with its weights; return the
@@ -133,13 +151,37 @@ def use_job_values(optimizer: torch.optim.Optimizer, built: list[dict], changes:
     file's position in its schedule."""
     changed = {c.key for c in changes}
     for group, own in zip(optimizer.param_groups, built):
-        base = group.get("initial_lr", group["lr"])
         if "optim.lr" in changed:
-            group["lr"] = own.get("initial_lr", own["lr"]) * group["lr"] / base if base else own["lr"]
+            group["lr"] = rescaled_lr(group["lr"], group.get("initial_lr", group["lr"]), own.get("initial_lr", own["lr"]))
         for key, value in own.items():
             if (key in ("name", "path", "lr_mult", "initial_lr") or key not in group
                     or (key != "lr" and f"optim.args.{key}" in changed)):
                 group[key] = value
+
+
+def rescaled_lr(lr: float, old_base: float, new_base: float) -> float:
+    """An LR moved to a new base LR at the same point of its schedule (its ratio to the base kept); the one rule for
+    a changed optim.lr where the schedule itself is not rebuilt (ReduceLROnPlateau: its reductions are kept)."""
+    return new_base * lr / old_base if old_base else new_base
+
+
+def apply_changes(job: Job, changes: list[drift.Change], times: int) -> None:
+    """Write allowed config changes into what a checkpoint restored: a change to the optimizer or the schedule means
+    the job's new settings where the run is (`rebuild_schedule`: the new schedule after `times` scheduler steps,
+    the optimizer state kept). Under ReduceLROnPlateau, whose LR follows metrics, an optimizer change keeps the LR's
+    reductions. Everything else the loop reads from the config, so it applies by itself."""
+    if rebuild_schedule(job, changes, times):
+        return
+    optimizer = job.optimizer
+    for change in changes:
+        if change.key == "optim.lr":
+            for group in optimizer.param_groups:
+                group["lr"] = rescaled_lr(group["lr"], change.old, change.new)
+        elif change.key.startswith("optim.args."):
+            arg = change.key.removeprefix("optim.args.").split(".")[0]
+            for group in optimizer.param_groups:
+                if arg in group and arg in optimizer.defaults:
+                    group[arg] = optimizer.defaults[arg]
 
 
 def replay_schedule(job: Job, built: list[dict], epoch: int, step: int, url: str) -> str:

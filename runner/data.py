@@ -11,6 +11,7 @@ import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -383,6 +384,28 @@ def steps_per_epoch(size: int, world_size: int, batch_size: int, accumulate: int
     batches of batch_size (the last may be short), every `accumulate` batches a step (the last group may be short)."""
     share = len(ShardedSampler(size, 0, world_size, seed=0, shuffle=False, pad=True))
     return math.ceil(math.ceil(share / batch_size) / accumulate)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    batch: Any
+    samples: int      # this rank's samples in it, from the sampler (never from the batch's structure)
+    group_size: int   # micro-batches in its accumulation group: the loss is divided by it
+    sync: bool        # the group's last: gradients are reduced over ranks, then the optimizer steps
+    first: bool       # the first this launch takes in the epoch
+    last: bool        # the epoch's last on this rank
+
+
+def micro_batches(loader: DataLoader, accumulate: int, batch_size: int) -> Iterator[MicroBatch]:
+    """The epoch's micro-batches left on this rank, in groups of `accumulate` counted from where this launch entered
+    the epoch (a checkpoint is always on a step boundary); the epoch's last group may be shorter. As many on every
+    rank (the training sampler pads), so the ranks' groups line up."""
+    batches, left = len(loader), len(loader.sampler)
+    for index, batch in enumerate(loader):
+        group_start = index - index % accumulate
+        group_size = min(accumulate, batches - group_start)
+        yield MicroBatch(batch, min(batch_size, left - index * batch_size), group_size,
+                         sync=index + 1 - group_start == group_size, first=index == 0, last=index + 1 == batches)
 
 
 def make_loader(ds: Dataset, sampler: ShardedSampler, batch_size: int, num_workers: int,

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
 from .errors import ConfigError, RunnerError
-from .metrics import warn
+from .console import warn
 
 
 @dataclass(frozen=True)

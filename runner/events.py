@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .metrics import warn
+from .console import warn
 
 EVENTS = "events.jsonl"
 HEARTBEAT_S = 60.0  # the most a launch goes without a record: a kill loses at most this much from the report
@@ -34,9 +34,10 @@ class Timers:
     """Seconds this launch spent per activity. The time is always charged to the current activity, so the
     parts add up to the elapsed time by construction; switching costs two perf_counter calls, no host sync.
 
-    Starts in "other" (building, restoring); the first optimizer step switches to "productive" (EventLog.
-    after_step); the loop wraps evaluation in during("eval") and the blocking part of a save in
-    during("stall"). A lock, because the checkpoint writer thread reads the counters for its record.
+    Starts in "other" (start-up: building the job, then restoring a checkpoint or starting fresh; the report
+    calls it startup); the first optimizer step switches to "productive" (EventLog.after_step); the loop wraps
+    evaluation in during("eval") and the blocking part of a save in during("stall"). A lock, because the
+    checkpoint writer thread reads the counters for its record.
     """
 
     def __init__(self) -> None:

@@ -1,26 +1,22 @@
 """Config → the objects that train: data, model (new head, phase plan), loss, optimizer, scheduler, scaler.
 
 Shared by `runner train` (loop.py), `runner summary` and `runner export`, which build the same model without
-importing the loop. Pretrained weights (`model.init_from`) are not loaded here: only a fresh start loads them
-(`load_init_weights`, with model.init_optimizer also the saved run's optimizer, scheduler and scaler states), since
-a resumed run's checkpoint replaces them anyway.
+importing the loop. It only builds: pretrained weights (`model.init_from`) are loaded by a fresh start
+(`continuation.load_init_weights`), since a resumed run's checkpoint replaces them anyway.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
-from . import finetune, weights
+from . import finetune
 from .components import build_loss, build_model, build_optimizer, build_scheduler, build_step
 from .config import RunConfig
-from .continuation import continue_saved_run
 from .data import Datasets, build_datasets
 from .dist import DistEnv
 from .errors import ConfigError
-from .metrics import log
+from .step import RunnerStep, Step, UserStep
 
 
 @dataclass
@@ -30,7 +26,7 @@ class Job:
     env: DistEnv
     data: Datasets
     model: nn.Module
-    loss_fn: nn.Module
+    step_fn: Step  # what one batch computes: runner's loss(model(x), y) or the user's train.step
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -39,12 +35,11 @@ class Job:
     accumulate: int  # micro-batches per optimizer step on this world size
     wrapped: nn.Module | None = None
     phase: int | None = None
-    step: Callable | None = None  # train.step: the user's fn(model, batch); None: loss_fn(model(x), y)
 
 
 def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    step = build_step(cfg.train.step)
+    user_step = build_step(cfg.train.step)
     data = build_datasets(cfg.data)
     if env.world_size > len(data.train):  # padding would give ranks unequal steps, and a collective would hang
         raise ConfigError(f"data: the training set has {len(data.train)} sample(s), fewer than the "
@@ -55,9 +50,10 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
-    return Job(cfg, env, data, model, build_loss(cfg.train.loss), optimizer,
-               build_scheduler(cfg.scheduler, optimizer), scaler, phases, head, accumulation(cfg, env.world_size),
-               step=step)
+    loss_fn = build_loss(cfg.train.loss)
+    step_fn = UserStep(user_step, cfg.train.step) if user_step else RunnerStep(loss_fn)
+    return Job(cfg, env, data, model, step_fn, optimizer, build_scheduler(cfg.scheduler, optimizer), scaler, phases,
+               head, accumulation(cfg, env.world_size))
 
 
 def accumulation(cfg: RunConfig, world_size: int) -> int:
@@ -84,22 +80,6 @@ def build_model_for(cfg: RunConfig, data: Datasets) -> tuple[nn.Module, list, st
         finetune.replace_head(model, head, cfg.finetune.head.num_classes)
     return model, phases, head
 
-
-def load_init_weights(job: Job) -> tuple[int, int]:
-    """model.init_from into the built model (the replaced head's weights are neither loaded nor required); with
-    model.init_optimizer, continue the run it was saved from. Returns where training starts: (0-based epoch,
-    optimizer steps done), (0, 0) unless a run is continued."""
-    cfg = job.cfg
-    if not cfg.model.init_from:
-        return 0, 0
-    report, saved = weights.load_run(job.model, cfg.model.init_from, storage_options=cfg.checkpoint.storage_options,
-                                     strict=cfg.model.strict, trust_pickle=cfg.model.trust_pickle,
-                                     new_head=job.head, prefix=cfg.model.init_prefix,
-                                     continuing=cfg.model.init_optimizer)
-    log(report, job.env)
-    if saved is None:
-        return 0, 0
-    return continue_saved_run(job, saved)
 
 
 def example_batch(data: Datasets, n: int = 2) -> torch.Tensor:

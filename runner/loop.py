@@ -6,10 +6,8 @@ the job (job.py), the save/resume protocol (checkpointer.py), the stop agreement
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -17,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, dist, finetune, notices, preemption
+from . import __version__, dist, finetune, preemption
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_yaml
-from .data import SeededDataset, ShardedSampler, make_loader, to_device
+from .data import MicroBatch, SeededDataset, ShardedSampler, make_loader, micro_batches, to_device
 from .dist import DistEnv
 from .errors import ConfigError, RunnerError
 from .events import EVENTS, EventLog
-from .faults import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
+from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
 from .job import Job, build_job
-from .metrics import ProgressBar, StepRecord, format_epoch, log, warn, write_history
+from .console import ProgressBar, format_epoch, log
+from .records import StepRecord, write_history
 from .state import TrainState
-from .step import add_step, call_step, pair
 from .tensorboard import TensorBoard
 
 EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempted", "early stop"
@@ -37,13 +35,14 @@ EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempt
 @dataclass
 class Launch:
     """What this process start keeps besides the training state: the last-step record (steps lost at the next
-    start), the event log (runner report), the TensorBoard writer and the agreement on stopping and saving."""
+    start), the event log (runner report), the TensorBoard writer, the cloud-notice watcher and the agreement on
+    stopping and saving."""
     steps: StepRecord
     events: EventLog
     tensorboard: TensorBoard
+    notices: preemption.NoticeStop | None = None
     agreement: preemption.StopAgreement | None = None
     ckpt: Checkpointer | None = None
-    watcher: notices.NoticeWatcher | None = None
 
 
 def train(cfg: RunConfig) -> int:
@@ -59,7 +58,8 @@ def train(cfg: RunConfig) -> int:
     dist.set_deterministic(env.device, cfg.train.deterministic)
     count_host_syncs(env.rank)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
-    launch.watcher = watch_notices(cfg, launch)
+    launch.notices = preemption.NoticeStop(cfg.preemption, launch.events,
+                                           last_save_s=lambda: launch.ckpt.last_save_took_s if launch.ckpt else None)
     ckpt, status = None, 1
     try:
         job = build_job(cfg, env)
@@ -77,8 +77,7 @@ def train(cfg: RunConfig) -> int:
         launch.events.timers.switch("other")
         launch.events.emit("exit", status=status, step=launch.events.step)
         launch.events.close()
-        if launch.watcher is not None:
-            launch.watcher.stop(timeout=0)
+        launch.notices.close()
         preemption.uninstall(handlers)
         dist.teardown()
 
@@ -111,10 +110,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         if outcome == PREEMPTED:
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
             status = ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
-            notice = launch.watcher.notice if launch.watcher is not None else None
-            if notice is not None and status == preemption.PREEMPTED_EXIT:  # committed: the VM may go now
-                launch.watcher.provider.acknowledge(notice)
-                launch.events.emit("notice_acknowledged", provider=notice.provider, event_id=notice.event_id)
+            launch.notices.acknowledge(status)  # committed: the VM may go now
             return status
         launch.tensorboard.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
@@ -132,40 +128,6 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     return status
 
 
-def watch_notices(cfg: RunConfig, launch: Launch) -> notices.NoticeWatcher | None:
-    """Local rank 0 of every node watches its cloud's preemption notice on a thread (off-cloud nothing is sent:
-    notices.detect decides from local evidence). A notice takes the signal's path: all ranks stop at the same
-    step, commit it and exit 75."""
-    p = cfg.preemption
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return None
-    provider = notices.detect(p.notice, notices.resolve_metadata_url(p.metadata_url), poll_s=p.notice_poll_s)
-    if provider is None:
-        return None
-    log(f"watching {provider.name} preemption notices at {provider.base}")
-
-    def on_notice(notice: notices.Notice) -> None:
-        left = notice.seconds_left()
-        warn(f"{notice.describe()}: committing the step reached and stopping")
-        last = launch.ckpt.last_save_s if launch.ckpt is not None else None
-        if last is not None and last > left:
-            warn(f"the last checkpoint took {last:.1f}s, more than the {left:.0f}s left before the deadline: the "
-                 "emergency checkpoint may not be committed in time")
-        launch.events.emit("notice", provider=notice.provider, action=notice.action, deadline=notice.deadline,
-                           event_id=notice.event_id)
-        preemption.request_stop(f"{notice.provider} preemption notice", notice.monotonic_deadline())
-        stop_launcher()
-
-    return notices.NoticeWatcher(provider, on_notice, p.notice_poll_s).start()
-
-
-def stop_launcher() -> None:
-    """Under torchrun, local rank 0 sends SIGTERM to its agent: the agent forwards it to every local worker and does
-    not restart them (workers exiting 75 without it would be restarted by --max-restarts, on a VM about to go)."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK") == "0":
-        os.kill(os.getppid(), signal.SIGTERM)
-
-
 def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: TrainState) -> str:
     """Train until the epoch ends, max_steps is reached, or a stop is agreed by all ranks.
 
@@ -173,68 +135,67 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
     the agreement on stopping and saving of one step travels while the next step computes.
     """
     cfg, env = job.cfg, job.env
-    batches = len(loader)  # this rank's micro-batches left in the epoch
-    if reached_max_steps(cfg, state) and batches:  # stopped on the max_steps step, before end_epoch ran
+    if reached_max_steps(cfg, state) and len(loader):  # stopped on the max_steps step, before end_epoch ran
         return MAX_STEPS
-    done = state.sample_in_epoch // (cfg.data.batch_size * env.world_size)
-    bar = ProgressBar(show_bar(cfg, env), done + batches, state.epoch, cfg.train.max_epochs, done)
-    left = len(loader.sampler)  # this rank's samples left in the epoch, as many on every rank (padding)
     if cfg.data.num_workers:
         ckpt.before_fork()
-    for index, batch in enumerate(loader):
-        if index == 0 and stop_agreed(launch.agreement, settle=True):
-            bar.close()  # a stop during the start (resume, the loader's first batch) takes no step first
-            return PREEMPTED
-        # accumulation groups count from where this launch entered the epoch: a checkpoint is on a step boundary
-        group_start = index - index % job.accumulate
-        group_size = min(job.accumulate, batches - group_start)
-        boundary = index + 1 - group_start == group_size
-        samples = min(cfg.data.batch_size, left - index * cfg.data.batch_size)  # from the sampler, not the batch
-        state.sample_in_epoch += samples * env.world_size
-        forward_backward(job, batch, samples, state, group_size, sync=boundary)
-        bar.advance()
-        if not boundary:
-            continue
-        optimizer_step(job)
-        state.step += 1
-        if job.scheduler is not None and cfg.scheduler.interval == "step":
-            job.scheduler.step()
-        launch.steps.write(state.step)
-        launch.events.after_step(state.step)
-        inject_fault(state.step, env)
-        if state.step % cfg.train.log_every_steps == 0:
-            loss = running_loss(job, ckpt, state)
-            bar.show(loss)
-            launch.tensorboard.log_step(state.step, loss, job.optimizer.param_groups[-1]["lr"])
-        last = index + 1 == batches
-        decision = launch.agreement.after_step(preemption.requested() is not None, *ckpt.poll(),
-                                               settle=last or reached_max_steps(cfg, state))
-        if decision.broken:
-            ckpt.raise_broken()
-        if decision.stop:
-            if decision.final:
-                stop_launcher()  # every node's agent, not only the one whose VM got the notice
-            launch.agreement.settle()
-            bar.close()
-            return PREEMPTED
-        if reached_max_steps(cfg, state) and not last:
-            bar.close()
-            return MAX_STEPS
-        if not last:  # at the epoch's end, the save after end_epoch covers it
-            ckpt.maybe_save(job, state, due_now=decision.save_now)
-    bar.close()
+    with progress_bar(cfg, env, state, len(loader)) as bar:
+        for micro in micro_batches(loader, job.accumulate, cfg.data.batch_size):
+            if micro.first and launch.agreement.stop_agreed(settle=True):
+                return PREEMPTED  # a stop during the start (resume, the loader's first batch) takes no step first
+            state.sample_in_epoch += micro.samples * env.world_size
+            forward_backward(job, micro, state)
+            bar.advance()
+            if micro.sync:
+                outcome = optimizer_step(job, ckpt, launch, state, bar, last=micro.last)
+                if outcome is not None:
+                    return outcome
     return EPOCH_END
 
 
-def stop_agreed(agreement: preemption.StopAgreement, settle: bool) -> bool:
-    """Outside the steps (the first batch, evaluation): whether some rank got a stop request, agreed as after a
-    step (with `settle`, at once; else one call later), nothing left in flight when it says stop."""
-    decision = agreement.after_step(preemption.requested() is not None, False, False, settle=settle)
+def forward_backward(job: Job, micro: MicroBatch, state: TrainState) -> None:
+    """One micro-batch: the step's loss, divided by the group size, backward (DDP syncs gradients on the group's
+    last only), then what the step measured added to the running sums on the device."""
+    batch = to_device(micro.batch, job.env.device, non_blocking=True)
+    model = job.wrapped
+    no_sync = model.no_sync() if not micro.sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+    with no_sync:
+        with autocast(job):
+            loss, outputs = job.step_fn(model, batch, training=True)
+        # no division (and no autograd node for it) without accumulation: on a small model each op shows
+        job.scaler.scale(loss / micro.group_size if micro.group_size > 1 else loss).backward()
+    if state.metric_names is None and (names := job.step_fn.metric_names(outputs)) is not None:
+        state.track_metrics(names)  # the run's first step names the metrics
+    job.step_fn.add(state.sums, state.metric_names, loss, outputs, micro.samples)
+
+
+def optimizer_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, bar: ProgressBar,
+                   last: bool) -> str | None:
+    """The optimizer step that ends an accumulation group, then what follows it: the records, a log step, the
+    ranks' agreement on stopping and saving, a periodic save. PREEMPTED or MAX_STEPS end the epoch here."""
+    cfg = job.cfg
+    step_optimizer(job)
+    state.step += 1
+    if job.scheduler is not None and cfg.scheduler.interval == "step":
+        job.scheduler.step()
+    launch.steps.write(state.step)
+    launch.events.after_step(state.step)
+    inject_fault(state.step, job.env)
+    if state.step % cfg.train.log_every_steps == 0:
+        loss = running_loss(job, ckpt, state)
+        bar.show(loss)
+        launch.tensorboard.log_step(state.step, loss, job.optimizer.param_groups[-1]["lr"])
+    final = reached_max_steps(cfg, state)
+    decision = launch.agreement.after_step(*ckpt.poll(), settle=last or final)
+    if decision.broken:
+        ckpt.raise_broken()
     if decision.stop:
-        if decision.final:
-            stop_launcher()  # every node's agent, not only the one whose VM got the notice
-        agreement.settle()
-    return decision.stop
+        return PREEMPTED
+    if final and not last:
+        return MAX_STEPS
+    if not last:  # at the epoch's end, the save after end_epoch covers it
+        ckpt.maybe_save(job, state, due_now=decision.save_now)
+    return None
 
 
 def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
@@ -246,44 +207,8 @@ def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
     return loss_sum / max(count, 1)
 
 
-def forward_backward(job: Job, batch, samples: int, state: TrainState, group_size: int, sync: bool) -> None:
-    """One micro-batch of `samples`: the loss of runner's step or train.step, divided by the group size, backward
-    (DDP syncs gradients on the group's last), then added to the running sums on the device."""
-    batch = to_device(batch, job.env.device, non_blocking=True)
-    model = job.wrapped
-    no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-    with no_sync:
-        with autocast(job):
-            if job.step is None:
-                x, y = pair(batch)
-                out = model(x)
-                loss = job.loss_fn(out, y)
-            else:
-                loss, metrics = call_step(job, model, batch, training=True)
-        # no division (and no autograd node for it) without accumulation: on a small model each op shows
-        job.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
-    if job.step is None:
-        add_batch(state.sums, out, y, loss.detach(), samples)
-        return
-    if state.metric_names is None:  # the run's first step names the metrics
-        if "loss" in metrics:
-            raise ConfigError("train.step: a metric named 'loss' would replace train_loss and val_loss; rename it")
-        state.track_metrics(list(metrics))
-    add_step(state.sums, state.metric_names, loss, metrics, samples)
-
-
-def add_batch(sums: torch.Tensor, out, y, loss: torch.Tensor, weight: int) -> None:
-    """Running [loss sum, correct, count] on the device, without reading anything back: `loss` × `weight` (the mean
-    loss × the batch's samples, or a sum × 1), added in float64; accuracy only for class-index targets. As few ops
-    as that takes: on a small model each costs about as much as a layer."""
-    sums[0].add_(loss, alpha=weight)
-    if not y.is_floating_point() and out.dim() == y.dim() + 1:  # class scores in dim 1, per sample or per token
-        hits = out.argmax(1) == y
-        sums[1].add_(hits.sum() if hits.dim() == 1 else hits.flatten(1).double().mean(1).sum())
-    sums[2].add_(len(y))
-
-
-def optimizer_step(job: Job) -> None:
+def step_optimizer(job: Job) -> None:
+    """Unscale and clip (train.grad_clip) the gradients, step the optimizer and the GradScaler, zero the grads."""
     if job.cfg.train.grad_clip:
         job.scaler.unscale_(job.optimizer)
         params = [p for p in job.model.parameters() if p.grad is not None]
@@ -314,7 +239,7 @@ def end_epoch(job: Job, state: TrainState, launch: Launch, outcome: str) -> str:
     names = state.metric_names or []
     loss_sum, correct, count, *metric_sums = dist.all_sum(state.sums, env)
     metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
-    if job.step is None and (correct or job.data.num_classes):
+    if job.step_fn.accuracy and (correct or job.data.num_classes):
         metrics["train_acc"] = correct / max(count, 1)
     metrics.update({f"train_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     with events.timers.during("eval"):
@@ -359,33 +284,21 @@ def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | N
     batch_size, left = cfg.data.eval_batch_size or cfg.data.batch_size, len(sampler)
     common = math.ceil(len(job.data.val) // env.world_size / batch_size)  # batches of the smallest share
     loader = make_loader(job.data.val, sampler, batch_size, cfg.data.num_workers, env.device.type == "cuda")
-    per_sample = copy.copy(job.loss_fn)
-    if hasattr(per_sample, "reduction"):
-        per_sample.reduction = "none"  # sum per-sample losses in float64: independent of batching
     sums = torch.zeros(3 + len(names), dtype=torch.float64, device=env.device)
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(job):
         for index, batch in enumerate(loader):
             slow_eval_batch()
-            batch = to_device(batch, env.device)
-            if job.step is not None:
-                loss, metrics = call_step(job, model, batch, training=False)
-                add_step(sums, names, loss, metrics, min(batch_size, left - index * batch_size))
-            else:
-                x, y = pair(batch)
-                out = model(x)
-                loss = per_sample(out, y)
-                if loss.dim() > 1:  # per token (a sequence): each sample's mean, as the training loss weighs them
-                    loss = loss.flatten(1).double().mean(1)
-                add_batch(sums, out, y, *((loss.double().sum(), 1) if loss.dim() else (loss, len(y))))
-            if agreement is not None and index < common and stop_agreed(agreement, settle=index + 1 == common):
+            loss, outputs = job.step_fn(model, to_device(batch, env.device), training=False)
+            job.step_fn.add(sums, names, loss, outputs, min(batch_size, left - index * batch_size))
+            if agreement is not None and index < common and agreement.stop_agreed(settle=index + 1 == common):
                 model.train(was_training)
                 return None
     model.train(was_training)
     loss_sum, correct, count, *metric_sums = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}
-    if job.step is None and job.data.num_classes:
+    if job.step_fn.accuracy and job.data.num_classes:
         metrics["val_acc"] = correct / max(count, 1)
     metrics.update({f"val_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     return metrics
@@ -434,8 +347,11 @@ def enter_phase(job: Job, index: int) -> None:
     finetune.set_train_mode(job.model, job.phases, index, head, job.cfg.finetune.freeze_bn)
 
 
-def show_bar(cfg: RunConfig, env: DistEnv) -> bool:
-    return env.is_main and (cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty()))
+def progress_bar(cfg: RunConfig, env: DistEnv, state: TrainState, batches: int) -> ProgressBar:
+    """The epoch's bar on rank 0's terminal (train.progress), counting this rank's micro-batches, those done first."""
+    show = env.is_main and (cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty()))
+    done = state.sample_in_epoch // (cfg.data.batch_size * env.world_size)
+    return ProgressBar(show, done + batches, state.epoch, cfg.train.max_epochs, done)
 
 
 def announce(job: Job) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 from urllib.parse import urlencode, urlparse
 
 from .errors import ConfigError
-from .metrics import warn
+from .console import warn
 
 AWS_METADATA_URL = "http://169.254.169.254"
 GCP_METADATA_URL = "http://metadata.google.internal"

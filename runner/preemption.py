@@ -1,7 +1,8 @@
 """Stop signals → a stop request that all ranks agree on (StopAgreement), one step later, at a step boundary.
 
-The handler only records the signal (the one piece of module-level mutable state in runner); the loop
-then saves a checkpoint of the step it reached and exits with PREEMPTED_EXIT.
+The handler only records the signal (in this module's globals: a signal handler has nowhere else to write);
+the loop then saves a checkpoint of the step it reached and exits with PREEMPTED_EXIT. A cloud preemption notice
+(`NoticeStop`, on a thread) takes the same path.
 
 A Python signal handler runs only when the main thread runs Python code. A rank blocked in a collective
 (a peer is gone or hung) would never get there, and its launcher would SIGKILL it without a word. So the
@@ -14,14 +15,17 @@ import contextlib
 import os
 import select
 import signal
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
+from . import notices
+from .config import PreemptionConfig
+from .console import log, warn
 from .errors import ConfigError
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "stopped on request with a checkpoint; run the same command to resume"
@@ -137,13 +141,10 @@ def _watchdog(pipe_r: int, stop_signals: set[int], grace_s: float) -> None:
                 return
     finally:
         os.close(pipe_r)
-    rank = os.environ.get("RANK")
-    tag = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    print(f"[runner] WARNING: {tag}{name} arrived {grace_s + WATCHDOG_MARGIN_S:g}s ago and no emergency "
-          f"checkpoint was committed within preemption.grace_s={grace_s:g}: this process is stuck (a step, "
-          "a collective waiting for a lost or hung peer, or a write); exiting with status "
-          f"{EMERGENCY_SAVE_FAILED_EXIT}. The next start resumes from the newest committed checkpoint.",
-          file=sys.stderr, flush=True)
+    warn(f"{name} arrived {grace_s + WATCHDOG_MARGIN_S:g}s ago and no emergency checkpoint was committed within "
+         f"preemption.grace_s={grace_s:g}: this process is stuck (a step, a collective waiting for a lost or hung "
+         f"peer, or a write); exiting with status {EMERGENCY_SAVE_FAILED_EXIT}. The next start resumes from the newest "
+         "committed checkpoint.")
     os._exit(EMERGENCY_SAVE_FAILED_EXIT)
 
 
@@ -170,13 +171,28 @@ class StopAgreement:
         self.group = tdist.new_group(backend="gloo") if env.distributed else None
         self.pending = None  # (work, flags tensor) of the last step
 
-    def after_step(self, stop: bool, save_now: bool, broken: bool, settle: bool = False) -> Decision:
-        final = _notice is not None
+    def after_step(self, save_now: bool = False, broken: bool = False, settle: bool = False) -> Decision:
+        """This rank's flags (a stop requested here, `save_now`, `broken`) in, the ranks' agreement on the previous
+        call's flags out (with `settle`, on this call's too). An agreed stop leaves nothing in flight, and one from a
+        cloud notice stops this node's launcher too."""
+        decision = self._agree(requested() is not None, save_now, broken, _notice is not None, settle=settle)
+        if decision.stop:
+            if decision.final:
+                stop_launcher()  # every node's agent, not only the one whose VM got the notice
+            self.settle()
+        return decision
+
+    def stop_agreed(self, settle: bool) -> bool:
+        """Outside the steps (an epoch's first batch, evaluation): whether some rank got a stop request, agreed
+        as after a step."""
+        return self.after_step(settle=settle).stop
+
+    def _agree(self, *flags: bool, settle: bool) -> Decision:
         if self.group is None:
-            return Decision(stop, save_now, broken, final)
+            return Decision(*flags)
         agreed = self._finish()
-        flags = torch.tensor([stop, save_now, broken, final], dtype=torch.int32)
-        self.pending = (tdist.all_reduce(flags, tdist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        sent = torch.tensor(flags, dtype=torch.int32)
+        self.pending = (tdist.all_reduce(sent, tdist.ReduceOp.MAX, group=self.group, async_op=True), sent)
         return _either(agreed, self._finish()) if settle else agreed
 
     def settle(self) -> None:
@@ -205,3 +221,49 @@ class StopAgreement:
 
 def _either(a: Decision, b: Decision) -> Decision:
     return Decision(a.stop or b.stop, a.save_now or b.save_now, a.broken or b.broken, a.final or b.final)
+
+
+def stop_launcher() -> None:
+    """Under torchrun, local rank 0 sends SIGTERM to its agent: the agent forwards it to every local worker and does
+    not restart them (workers exiting 75 without it would be restarted by --max-restarts, on a VM about to go)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+class NoticeStop:
+    """Local rank 0 of every node watches its cloud's preemption notice on a thread (off-cloud nothing is sent:
+    notices.detect decides from local evidence). A notice takes the signal's path: all ranks stop at the same step,
+    commit it and exit 75; then `acknowledge` lets the VM go at once (Azure). `last_save_s` says how long the last
+    checkpoint took, to warn when the notice leaves less time than that."""
+
+    def __init__(self, p: PreemptionConfig, events, last_save_s: Callable[[], float | None]):
+        self.events, self.last_save_s, self.watcher = events, last_save_s, None
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        provider = notices.detect(p.notice, notices.resolve_metadata_url(p.metadata_url), poll_s=p.notice_poll_s)
+        if provider is not None:
+            log(f"watching {provider.name} preemption notices at {provider.base}")
+            self.watcher = notices.NoticeWatcher(provider, self._on_notice, p.notice_poll_s).start()
+
+    def _on_notice(self, notice: notices.Notice) -> None:
+        left = notice.seconds_left()
+        warn(f"{notice.describe()}: committing the step reached and stopping")
+        last = self.last_save_s()
+        if last is not None and last > left:
+            warn(f"the last checkpoint took {last:.1f}s, more than the {left:.0f}s left before the deadline: the "
+                 "emergency checkpoint may not be committed in time")
+        self.events.emit("notice", provider=notice.provider, action=notice.action, deadline=notice.deadline,
+                         event_id=notice.event_id)
+        request_stop(f"{notice.provider} preemption notice", notice.monotonic_deadline())
+        stop_launcher()
+
+    def acknowledge(self, status: int) -> None:
+        """After the emergency save: a notice whose step is committed (exit 75) is acknowledged."""
+        notice = self.watcher.notice if self.watcher is not None else None
+        if notice is not None and status == PREEMPTED_EXIT:
+            self.watcher.provider.acknowledge(notice)
+            self.events.emit("notice_acknowledged", provider=notice.provider, event_id=notice.event_id)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop(timeout=0)

@@ -4,9 +4,16 @@ A launch is one process start of rank 0 (a torchrun restart is a new launch). On
 counts: the run id of the newest launch that knows one. A launch that exited without learning a run id was
 refused (the lease, config drift, a bad config) and trained nothing: it is listed apart, never counted. Per
 launch, by construction,
-    wall = restore + productive + recompute + stall + eval + other
+    wall = startup + productive + recompute + stall + eval + other
 and the run's elapsed time is the sum of walls and gaps. The categories are defined in the README,
 "What a run did".
+
+startup is the launch's start record to the end of its first optimizer step, whatever the launch did there. What
+it did is the launch's `start`: "resumed" (a `resume` record: the start-up restored a checkpoint), "fresh" (a
+`fresh` record: a new run, nothing restored; building the job, probing the store, loading `model.init_from` if
+set) or None (killed before it decided). `restore_s` names that same start-up for a launch that resumed and is
+None for any other, so it is not one more part of the wall: startup_s is. The totals' restore_s is the start-up of
+the launches that resumed, a part of their startup_s.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .events import EVENTS, read_events
 
-SUMMED = ("gap_s", "wall_s", "restore_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s")
+SUMMED = ("gap_s", "wall_s", "startup_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s")
 
 
 @dataclass
@@ -30,12 +37,14 @@ class LaunchReport:
     restart: int | None            # TORCHELASTIC_RESTART_COUNT of the launch
     status: int | None             # its exit status; None: killed (no exit record)
     stop_reason: str | None        # the stop it was asked for (signal or notice), if any
+    start: str | None              # "resumed", "fresh", or None: killed before it decided
     resumed_from: int | None       # the step it resumed from; None: a fresh start (or killed before deciding)
     lost_steps: int                # steps trained since that checkpoint by the launches before, done again
     final_step: int | None
     gap_s: float
     wall_s: float
-    restore_s: float
+    startup_s: float               # start to the end of the first optimizer step (every launch)
+    restore_s: float | None        # = startup_s for a launch that resumed; None otherwise (not a part of wall)
     productive_s: float
     recompute_s: float
     stall_s: float
@@ -68,7 +77,8 @@ class Report:
         sums = {key: round(sum(getattr(launch, key) for launch in self.launches), 3) for key in SUMMED}
         elapsed = sums["gap_s"] + sums["wall_s"]
         steps = [launch.final_step for launch in self.launches if launch.final_step is not None]
-        return {"launches": len(self.launches), **sums, "elapsed_s": round(elapsed, 3),
+        restore = round(sum(launch.restore_s for launch in self.launches if launch.restore_s is not None), 3)
+        return {"launches": len(self.launches), **sums, "restore_s": restore, "elapsed_s": round(elapsed, 3),
                 "effective_ratio": ratio(sums["productive_s"], elapsed),
                 "lost_steps": sum(launch.lost_steps for launch in self.launches),
                 "final_step": steps[-1] if steps else None, "refused": len(self.refused)}
@@ -146,6 +156,7 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
     exit_ = first_of(records, "exit")
     first_step = first_of(records, "first_step")
     resume = first_of(records, "resume")
+    start_kind = "resumed" if resume else "fresh" if first_of(records, "fresh") else None
     stop = first_of(records, "stop_request")
     started = start_time(records)
     wall = (exit_["time"] if exit_ else max(r["time"] for r in records)) - started
@@ -153,7 +164,7 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
     final_step = max(steps) if steps else None
     with_counters = [r for r in records if "productive_s" in r]
     counters = max(with_counters, key=lambda r: r["time"]) if with_counters else {}
-    training = float(counters.get("productive_s", 0.0))  # from the first step's end: restore has the first step
+    training = float(counters.get("productive_s", 0.0))  # from the first step's end: startup has the first step
     stall, evaluation = float(counters.get("stall_s", 0.0)), float(counters.get("eval_s", 0.0))
     resumed_from = resume["step"] if resume else None
     lost = int(resume.get("lost", 0)) if resume else 0
@@ -162,18 +173,19 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
         timed = final_step - first_step["step"]  # the steps whose time `training` holds
         redone = min(max(lost - (first_step["step"] - (resumed_from or 0)), 0), timed)
         recompute = training * redone / timed
-    restore = first_step["time"] - started if first_step else wall
+    startup = first_step["time"] - started if first_step else wall
     gap = max(started - previous_end, 0.0) if previous_end is not None else 0.0  # clamped: clocks of two hosts
     productive = training - recompute
     return LaunchReport(
         launch=str(records[0]["launch"]), started=started, host=start.get("host"),
         world_size=start.get("world_size"), restart=start.get("restart"),
         status=exit_.get("status") if exit_ else None, stop_reason=stop.get("reason") if stop else None,
-        resumed_from=resumed_from, lost_steps=lost, final_step=final_step,
-        gap_s=round(gap, 3), wall_s=round(wall, 3), restore_s=round(restore, 3),
+        start=start_kind, resumed_from=resumed_from, lost_steps=lost, final_step=final_step,
+        gap_s=round(gap, 3), wall_s=round(wall, 3), startup_s=round(startup, 3),
+        restore_s=round(startup, 3) if resume else None,
         productive_s=round(productive, 3), recompute_s=round(recompute, 3), stall_s=round(stall, 3),
         eval_s=round(evaluation, 3),
-        other_s=round(wall - restore - training - stall - evaluation, 3),
+        other_s=round(wall - startup - training - stall - evaluation, 3),
         effective_ratio=ratio(productive, gap + wall))
 
 
@@ -207,8 +219,8 @@ def duration(seconds: float) -> str:
     return f"{sign}{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-COLUMNS = ("#", "started (UTC)", "world", "steps", "lost", "outcome", "gap", "wall", "restore", "productive",
-           "recompute", "stall", "eval", "other", "ratio")
+COLUMNS = ("#", "started (UTC)", "world", "start", "steps", "lost", "outcome", "gap", "wall", "startup",
+           "productive", "recompute", "stall", "eval", "other", "ratio")
 
 
 def format_report(report: Report, out_dir: Path) -> str:
@@ -217,12 +229,13 @@ def format_report(report: Report, out_dir: Path) -> str:
     for i, launch in enumerate(report.launches, 1):
         steps = f"{launch.resumed_from or 0}→{'?' if launch.final_step is None else launch.final_step}"
         rows.append((str(i), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(launch.started)),
-                     str(launch.world_size or "?"), steps, str(launch.lost_steps), launch.outcome,
+                     str(launch.world_size or "?"), launch.start or "?", steps, str(launch.lost_steps),
+                     launch.outcome,
                      *(duration(getattr(launch, key)) for key in SUMMED), f"{launch.effective_ratio:.1%}"))
-    rows.append(("total", "", "", f"→{totals['final_step']}", str(totals["lost_steps"]), "",
+    rows.append(("total", "", "", "", f"→{totals['final_step']}", str(totals["lost_steps"]), "",
                  *(duration(totals[key]) for key in SUMMED), f"{totals['effective_ratio']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    left = {0, 1, 3, 5}  # text columns; numbers align right
+    left = {0, 1, 3, 4, 6}  # text columns; numbers align right
     lines = ["  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              .rstrip() for row in rows]
     head = (f"run {report.run_id or '(unknown)'} in {out_dir}: {totals['launches']} launch(es), "
@@ -231,7 +244,8 @@ def format_report(report: Report, out_dir: Path) -> str:
                                                           if report.refused else ""))
     refused = [f"refused (trained nothing, not counted): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.started))}"
                f" on {r.host or '?'}, exit {r.status}" for r in report.refused]
-    foot = "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\""
+    foot = ("startup = start to the first step's end (restoring the checkpoint if resumed); "
+            "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\"")
     return "\n".join([head, *lines, *refused, foot])
 
 

@@ -12,7 +12,7 @@ import torch
 from . import dist
 from .dist import DistEnv
 from .data import seed_all
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
 
 @dataclass
@@ -140,8 +140,7 @@ def load_bytes(data: bytes, source: str) -> dict:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — torch raises UnpicklingError, RuntimeError, EOFError…
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{source}: refused to load state.pt ({first}); it is damaged or holds "
+        raise CheckpointError(f"{source}: refused to load state.pt ({one_line(e)}); it is damaged or holds "
                               "pickled Python objects, which runner never loads") from None
 
 
@@ -158,8 +157,7 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
         dist.unwrap(model).load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # the model or optimizer groups differ from the saved ones
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{source} does not fit this job's model or optimizer ({first}); resume it with "
+        raise CheckpointError(f"{source} does not fit this job's model or optimizer ({one_line(e)}); resume it with "
                               "the job that wrote it, or start a new run in another checkpoint.dir") from None
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])

@@ -1,19 +1,75 @@
-"""train.step, the user's own training step: fn(model, batch) → loss or (loss, {name: scalar}).
+"""What one batch computes, behind one interface: runner's own step, loss(model(x), y) on (x, y) batches, or the
+user's `train.step`, fn(model, batch) → loss or (loss, {name: scalar}). See README, "Your own training step".
 
-Its return value is checked from tensor metadata only (nothing is read from the device), and its loss and metrics
-go into the running sums on the device, weighted by the batch's samples. Runner's own step, loss(model(x), y),
-needs (x, y) batches (`pair`). See README, "Your own training step".
+A step is called as `step(model, batch, training)` → (loss, outputs) and `step.add(sums, names, loss, outputs,
+samples)` adds what it measured to the running sums on the device: [loss sum, correct, count, one sum per metric
+name], weighted by the batch's samples (from the sampler, never from the batch). The user's return value is checked
+from tensor metadata only; nothing is read from the device.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
 
 import torch
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .job import Job
+
+class RunnerStep:
+    """train.loss(model(x), y). Training returns the loss as train.loss reduces it; evaluation per-sample losses,
+    summed in float64 so the validation loss does not depend on the batching. Counts correct predictions for class
+    targets."""
+
+    accuracy = True
+
+    def __init__(self, loss_fn: torch.nn.Module):
+        self.loss_fn = loss_fn
+        self.per_sample = copy.copy(loss_fn)
+        if hasattr(self.per_sample, "reduction"):
+            self.per_sample.reduction = "none"
+
+    def __call__(self, model, batch, training: bool) -> tuple[torch.Tensor, tuple]:
+        x, y = pair(batch)
+        out = model(x)
+        if training:
+            return self.loss_fn(out, y), (out, y)
+        loss = self.per_sample(out, y)
+        if loss.dim() > 1:  # per token (a sequence): each sample's mean, as the training loss weighs them
+            loss = loss.flatten(1).double().mean(1)
+        return loss, (out, y)
+
+    def metric_names(self, outputs) -> list[str] | None:
+        return None  # [loss, correct, count] only
+
+    def add(self, sums: torch.Tensor, names, loss: torch.Tensor, outputs: tuple, samples: int) -> None:
+        out, y = outputs
+        if loss.dim():  # per-sample losses (evaluation)
+            add_batch(sums, out, y, loss.double().sum(), 1)
+        else:
+            add_batch(sums, out, y, loss.detach(), samples)
+
+
+class UserStep:
+    """train.step: the user's fn(model, batch); its metrics are named by the run's first step."""
+
+    accuracy = False
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, model, batch, training: bool) -> tuple[torch.Tensor, dict]:
+        return call_step(self.fn, self.name, model, batch, training)
+
+    def metric_names(self, metrics: dict) -> list[str]:
+        if "loss" in metrics:
+            raise ConfigError("train.step: a metric named 'loss' would replace train_loss and val_loss; rename it")
+        return list(metrics)
+
+    def add(self, sums: torch.Tensor, names: list[str], loss: torch.Tensor, metrics: dict, samples: int) -> None:
+        add_step(sums, names, loss, metrics, samples)
+
+
+Step = RunnerStep | UserStep
 
 
 def pair(batch) -> tuple:
@@ -25,23 +81,23 @@ def pair(batch) -> tuple:
                       "batches set train.step to your own fn(model, batch)")
 
 
-def call_step(job: Job, model, batch, training: bool) -> tuple[torch.Tensor, dict]:
-    """train.step's (loss, metrics), their types checked from metadata (nothing is read from the device)."""
-    result = job.step(model, batch)
+def call_step(fn, name: str, model, batch, training: bool) -> tuple[torch.Tensor, dict]:
+    """train.step `name`'s (loss, metrics), their types checked from metadata (nothing is read from the device)."""
+    result = fn(model, batch)
     loss, metrics = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point()):
-        raise ConfigError(f"train.step: {job.cfg.train.step} returned {kind(result)}; return the loss as a scalar "
+        raise ConfigError(f"train.step: {name} returned {kind(result)}; return the loss as a scalar "
                           "tensor, or (loss, {name: scalar tensor or float})")
     if training and not loss.requires_grad:
-        raise ConfigError(f"train.step: {job.cfg.train.step} returned a loss that does not require grad (detached, "
+        raise ConfigError(f"train.step: {name} returned a loss that does not require grad (detached, "
                           "or computed under torch.no_grad); return the loss backward should run from")
     if not isinstance(metrics, dict):
-        raise ConfigError(f"train.step: {job.cfg.train.step} returned (loss, {kind(metrics)}); the second item must "
+        raise ConfigError(f"train.step: {name} returned (loss, {kind(metrics)}); the second item must "
                           "be a dict of name → scalar tensor or float")
     for name, value in metrics.items():
         if not (isinstance(value, torch.Tensor) and value.numel() == 1
                 or isinstance(value, (int, float)) and not isinstance(value, bool)):
-            raise ConfigError(f"train.step: {job.cfg.train.step} returned the metric '{name}' as {kind(value)}; "
+            raise ConfigError(f"train.step: {name} returned the metric '{name}' as {kind(value)}; "
                               "return a scalar tensor or float")
     return loss, metrics
 
@@ -66,3 +122,14 @@ def add_step(sums: torch.Tensor, names: list[str], loss: torch.Tensor, metrics: 
     for i, name in enumerate(names, 3):
         value = metrics[name]
         sums[i].add_(value.detach().reshape(()) if isinstance(value, torch.Tensor) else value, alpha=samples)
+
+
+def add_batch(sums: torch.Tensor, out, y, loss: torch.Tensor, weight: int) -> None:
+    """Running [loss sum, correct, count] on the device, without reading anything back: `loss` × `weight` (the mean
+    loss × the batch's samples, or a sum × 1), added in float64; accuracy only for class-index targets. As few ops
+    as that takes: on a small model each costs about as much as a layer."""
+    sums[0].add_(loss, alpha=weight)
+    if not y.is_floating_point() and out.dim() == y.dim() + 1:  # class scores in dim 1, per sample or per token
+        hits = out.argmax(1) == y
+        sums[1].add_(hits.sum() if hits.dim() == 1 else hits.flatten(1).double().mean(1).sum())
+    sums[2].add_(len(y))

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from runner.checkpoint import STEP_RE, CheckpointInfo, CheckpointStore, open_checkpoint
 from runner.errors import CheckpointError
-from runner.storage_faults import storage_errors
-from runner.manifest import score
+from runner.store import STEP_RE, CheckpointInfo, CheckpointStore, best_first, open_checkpoint, storage_errors
 
 
 def _human(n: int) -> str:
@@ -26,10 +24,9 @@ def _when(t: object) -> str:
 
 
 def best_checkpoint(infos: list[CheckpointInfo], metric: str, mode: str = "min") -> CheckpointInfo | None:
-    """The valid checkpoint with the best finite `metric` (on a tie, the newest); None if none has it."""
-    scored = [i for i in reversed(infos) if i.valid and score(i.manifest, metric) is not None]
-    pick = min if mode == "min" else max
-    return pick(scored, key=lambda i: score(i.manifest, metric)) if scored else None
+    """The valid checkpoint with the best finite `metric` (the store's one ranking); None if none has it."""
+    ranked = best_first(infos, metric, mode)
+    return ranked[0] if ranked else None
 
 
 def ranking_of(infos: list[CheckpointInfo]) -> tuple[str | None, str]:

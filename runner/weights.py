@@ -17,11 +17,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from runner.checkpoint import CheckpointStore, open_checkpoint
 from runner.drift import NOT_HYPERPARAMETERS
 from runner.errors import CheckpointError, one_line
 from runner.finetune import under
-from runner.manifest import MANIFEST
+from runner.store import MANIFEST, CheckpointStore, open_checkpoint
 
 # Where checkpoint dicts keep the weights: the PyTorch tutorial, Lightning (and timm, HF…), runner and many
 # scripts, DeepSpeed. The first that holds a state_dict wins.

@@ -139,7 +139,7 @@ def assert_same_final_state(ckpt_dir, ref_dir, storage_options: dict | None = No
 
 def assert_store_sound(url: str, storage_options: dict | None = None) -> list:
     """Every checkpoint the cheap listing calls valid also passes full verification; returns the listing."""
-    from runner.checkpoint import CheckpointStore
+    from runner.store import CheckpointStore
 
     store = CheckpointStore(url, storage_options)
     infos = store.list()

@@ -218,7 +218,7 @@ def table_row(text: str, first_cell: str) -> list[str]:
 
 def newest_state(ckpt_dir, storage_options: dict | None = None) -> tuple[dict, dict]:
     """(state, manifest) of the newest valid checkpoint in a store."""
-    from runner.checkpoint import CheckpointStore
+    from runner.store import CheckpointStore
 
     store = CheckpointStore(str(ckpt_dir), storage_options)
     info = store.latest_valid()

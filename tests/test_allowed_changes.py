@@ -1,6 +1,7 @@
 """An allowed change to the optimizer or the schedule on resume means the NEW schedule where the run is: the LR a run
-with the new settings from the start would have at that step, with the restored optimizer state (issue 20, defects
-2-4 and 9). Each test fails on the code that set the changed attribute on the restored scheduler.
+with the new settings from the start would have at that step, with the restored optimizer state (README,
+"Checkpoints and resume", config drift; docs/design.md, "Drift"). Each test fails on the code that set the changed
+attribute on the restored scheduler.
 
 All in process (cli.main) on a tiny synthetic job: 8 optimizer steps per epoch.
 """

@@ -1,4 +1,5 @@
-"""Chaos (issue 5): a driver SIGKILLs a 2-rank torchrun job again and again and relaunches it itself.
+"""Chaos (README, "Preemption and fault tolerance"; docs/design.md, "Checkpoints and resume"): a driver SIGKILLs
+a 2-rank torchrun job again and again and relaunches it itself.
 
 The job runs under `torchrun --max-restarts=0` in its own session; the driver plays the cluster. Each kill
 picks a victim at random (the agent, rank 0 or rank 1), SIGKILLs it, then SIGKILLs every other process of
@@ -27,7 +28,7 @@ import pytest
 from fault_helpers import (JOB, assert_same_final_state, assert_store_sound, last_step, reference, resumed,
                            seeded_rng, text, workers_by_rank)
 from helpers import kill_everything, start, torchrun_cmd, write_job
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 
 pytestmark = pytest.mark.slow
 

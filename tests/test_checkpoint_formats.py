@@ -13,7 +13,7 @@ from torch import nn
 
 from helpers import newest_state, write_job
 from runner import cli
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 from runner.config import load_config
 from runner.errors import CheckpointError
 from runner.weights import load_pretrained

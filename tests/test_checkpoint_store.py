@@ -22,11 +22,13 @@ from botocore.exceptions import (ClientError, ConnectionClosedError, ConnectTime
                                  ReadTimeoutError)
 from s3fs.errors import translate_boto_error
 
-from runner import checkpoint
-from runner.checkpoint import SLOW_COMMIT_ENV, CheckpointInfo, CheckpointStore, open_checkpoint, retry_transient
+from runner.store import directory as checkpoint
+from runner.store import faults as storage_faults
+from runner.store.directory import SLOW_COMMIT_ENV, CheckpointInfo, CheckpointStore, open_checkpoint
+from runner.store.faults import retry_transient
 from runner.errors import CheckpointError, CorruptCheckpoint, StorageError, StorageUnavailable
-from runner.manifest import MANIFEST
-from runner.storage_faults import storage_fault
+from runner.store.manifest import MANIFEST
+from runner.store.faults import storage_fault
 from runner.store_cli import describe_listing, run_verify
 
 
@@ -487,7 +489,7 @@ def _raised(fn) -> BaseException:
 def sleeps(monkeypatch) -> list[float]:
     """retry_transient's pauses, recorded instead of slept."""
     pauses: list[float] = []
-    monkeypatch.setattr(checkpoint, "_sleep", pauses.append)
+    monkeypatch.setattr(storage_faults, "_sleep", pauses.append)
     return pauses
 
 

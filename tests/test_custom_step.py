@@ -1,6 +1,7 @@
-"""Your own training step (train.step, issue 15): dict batches, a model that takes the dict, a step returning
-(loss, metrics). The metrics are averaged over samples per epoch as train_<name> and val_<name>; a 2-rank run
-stopped mid-epoch and resumed ends bit-identical to an uninterrupted one with the same epoch metrics."""
+"""Your own training step (train.step; README, "Your own training step"): dict batches, a model that takes the
+dict, a step returning (loss, metrics). The metrics are averaged over samples per epoch as train_<name> and
+val_<name>; a 2-rank run stopped mid-epoch and resumed ends bit-identical to an uninterrupted one with the same
+epoch metrics."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from runner.data import Datasets
 from runner.drift import Category, Change, category, trajectory_changes
 from runner.errors import ConfigError
 from runner.job import example_batch
-from runner.loop import add_step, train
+from runner.loop import train
+from runner.step import add_step
 
 MODULE = "dict_seg_step"  # written next to the job file; the CLI puts that folder on sys.path
 USER_CODE = '''

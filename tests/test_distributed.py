@@ -1,8 +1,9 @@
-"""Distributed training under torchrun (issue 3): every test launches real `torchrun` subprocesses, CPU + gloo.
+"""Distributed training under torchrun (README, "Distributed"; docs/design.md, "Distributed rules"): every test
+launches real `torchrun` subprocesses, CPU + gloo.
 
 One 2-rank reference run (module fixture `ref`) is shared: rank-identical weights, the log, equivalence with a
 1-process run at twice the batch, exact sharded evaluation, multi-node and determinism all compare against it.
-Every rank's final weights come back through the test-only hook RUNNER_TEST_DUMP_WEIGHTS (runner/faults.py),
+Every rank's final weights come back through the test-only hook RUNNER_TEST_DUMP_WEIGHTS (runner/test_hooks.py),
 since only rank 0 writes checkpoints.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 from runner.errors import CheckpointError, ConfigError
 from runner.finetune import (Phase, apply_lr_mults, apply_phase, param_groups, phase_at, phase_span, replace_head,
                              set_train_mode, validate_plan)

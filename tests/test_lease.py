@@ -10,9 +10,9 @@ import time
 import fsspec
 import pytest
 
-from runner import lease as lease_mod
+from runner.store import lease as lease_mod
 from runner.errors import CheckpointError
-from runner.lease import LEASE, Lease, LeaseHeld
+from runner.store.lease import LEASE, Lease, LeaseHeld
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
-"""A cloud preemption notice stops a real run like SIGTERM (issue 12): all ranks stop at the same step, the step
-reached is committed, exit 75 — and under torchrun --max-restarts the launch ends instead of restarting into a VM
-about to go. Fake metadata servers on 127.0.0.1 only (tests/fake_metadata.py); nothing leaves this machine."""
+"""A cloud preemption notice stops a real run like SIGTERM (README, "Preemption and fault tolerance"): all ranks
+stop at the same step, the step reached is committed, exit 75 — and under torchrun --max-restarts the launch ends
+instead of restarting into a VM about to go. Fake metadata servers on 127.0.0.1 only (tests/fake_metadata.py);
+nothing leaves this machine."""
 from __future__ import annotations
 
 import json

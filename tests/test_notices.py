@@ -1,6 +1,6 @@
-"""Cloud preemption notices (issue 12): provider detection, each provider's protocol against a fake metadata
-server on 127.0.0.1 (headers enforced, AWS token required, no notice until the test turns it on), the
-watcher thread, and `auto` sending no packet off-cloud. Nothing here leaves 127.0.0.1."""
+"""Cloud preemption notices (README, "Preemption and fault tolerance"): provider detection, each provider's
+protocol against a fake metadata server on 127.0.0.1 (headers enforced, AWS token required, no notice until the
+test turns it on), the watcher thread, and `auto` sending no packet off-cloud. Nothing here leaves 127.0.0.1."""
 from __future__ import annotations
 
 import socket

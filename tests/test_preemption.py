@@ -1,4 +1,5 @@
-"""Preemption, crashes and storage faults, end to end (issue 5): real processes, real signals, CPU, gloo.
+"""Preemption, crashes and storage faults, end to end (README, "Preemption and fault tolerance"): real processes,
+real signals, CPU, gloo.
 
 Every run is a real `python -m runner` or `torchrun` subprocess in its own session; whatever a test started is
 killed (whole process trees and groups) on the way out. "Bit-identical" compares the final checkpoint's model,
@@ -23,7 +24,7 @@ import pytest
 from fault_helpers import (JOB, STEPS_1, STEPS_2, CuttableProxy, assert_same_final_state, assert_store_sound,
                            finish, last_step, reference, resumed, seeded_rng, text, wait_until, workers_by_rank)
 from helpers import descendants, kill_everything, launched, newest_state, runner_cmd, torchrun_cmd, write_job
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 from runner.preemption import EMERGENCY_SAVE_FAILED_EXIT, PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,8 @@
 """The save/resume protocol as a user meets it through `runner train`: run lineage, pinned resumes, stops on the
 last step, config drift, fail-fast stores, retention ranking, non-finite losses, secrets, extending a finished
-run, and one writer per store. Each test reproduces a defect of issue 10 that lost or hid checkpoints, or trained
-something other than what was printed.
+run, and one writer per store, as README, "Checkpoints and resume" and docs/design.md, "Checkpoints and resume"
+state them. Each test checks a rule whose breach lost or hid checkpoints, or trained something other than what was
+printed.
 
 All in process (cli.main) on a tiny synthetic job: 8 optimizer steps per epoch.
 """
@@ -21,7 +22,7 @@ import yaml
 
 from helpers import assert_tensors_equal, launched, merge, newest_state, runner_cmd, write_job
 from runner import cli
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 
 JOB = {
     "model": {"name": "cnn", "args": {"width": 8}},

@@ -72,18 +72,18 @@ def test_report_charges_each_launch_of_the_current_lineage(run_dir):
     l1, l2, l3 = report.launches
     assert [l.host for l in report.launches] == ["a", "b", "c"]
     # L1: killed (no exit record): its wall ends at its last complete record (the torn line is ignored)
-    assert (l1.status, l1.gap_s, l1.wall_s, l1.restore_s, l1.final_step) == (None, 0, 130, 10, 100)
+    assert (l1.status, l1.gap_s, l1.wall_s, l1.startup_s, l1.final_step) == (None, 0, 130, 10, 100)
     assert (l1.productive_s, l1.recompute_s, l1.stall_s, l1.eval_s, l1.other_s) == (100, 0, 5, 5, 10)
     assert l1.outcome == "killed"
-    # L2: the 40 lost steps are redone; step 81 is in restore, so 39 of the 69 timed steps (1 s each) are recompute
-    assert (l2.gap_s, l2.wall_s, l2.restore_s, l2.resumed_from, l2.lost_steps) == (70, 106, 20, 80, 40)
+    # L2: the 40 lost steps are redone; step 81 is in startup, so 39 of the 69 timed steps (1 s each) are recompute
+    assert (l2.gap_s, l2.wall_s, l2.startup_s, l2.resumed_from, l2.lost_steps) == (70, 106, 20, 80, 40)
     assert (l2.productive_s, l2.recompute_s, l2.stall_s, l2.eval_s, l2.other_s) == (30, 39, 3, 4, 10)
     assert (l2.status, l2.stop_reason, l2.outcome) == (75, "SIGTERM", "stopped (SIGTERM), exit 75")
     assert l2.effective_ratio == round(30 / (70 + 106), 4)
     # L3: nothing lost
-    assert (l3.gap_s, l3.wall_s, l3.restore_s, l3.productive_s, l3.recompute_s, l3.other_s) == (94, 200, 12, 149, 0, 9)
+    assert (l3.gap_s, l3.wall_s, l3.startup_s, l3.productive_s, l3.recompute_s, l3.other_s) == (94, 200, 12, 149, 0, 9)
     for launch in report.launches:  # the categories add up to the wall time
-        parts = (launch.restore_s + launch.productive_s + launch.recompute_s + launch.stall_s + launch.eval_s
+        parts = (launch.startup_s + launch.productive_s + launch.recompute_s + launch.stall_s + launch.eval_s
                  + launch.other_s)
         assert math.isclose(parts, launch.wall_s)
     totals = report.totals()
@@ -120,7 +120,31 @@ def test_a_launch_killed_before_it_knew_its_run_belongs_to_the_run_it_started_in
     report = build_report(read_events(run_dir / "events.jsonl"))
     assert report.run_id == "run-B" and len(report.launches) == 4
     last = report.launches[-1]
-    assert (last.gap_s, last.wall_s, last.restore_s, last.productive_s, last.final_step) == (100, 0, 0, 0, None)
+    assert (last.gap_s, last.wall_s, last.startup_s, last.productive_s, last.final_step) == (100, 0, 0, 0, None)
+    assert (last.start, last.restore_s) == (None, None)  # killed before it decided: nothing known restored
+
+
+def test_a_fresh_starts_startup_is_not_reported_as_restore(run_dir, capsys):
+    """README, "What a run did": every launch's start-up is `startup` (a part of its wall); only a launch that
+    resumed spent it restoring a checkpoint, so only it has a restore figure."""
+    l1, l2, l3 = build_report(read_events(run_dir / "events.jsonl")).launches
+    assert (l1.start, l1.startup_s, l1.restore_s) == ("fresh", 10, None)
+    assert (l2.start, l2.startup_s, l2.restore_s) == ("resumed", 20, 20)
+    assert (l3.start, l3.startup_s, l3.restore_s) == ("resumed", 12, 12)
+
+    assert main(["report", str(run_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = table[1].split()
+    assert "startup" in header and "restore" not in header
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.split()[0] in {"1", "2", "3", "total"}}
+    start = header.index("start")  # "started (UTC)" and a row's date and time are two cells each
+    assert [rows[i][start] for i in "123"] == ["fresh", "resumed", "resumed"]
+
+    assert main(["report", str(run_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(launch["start"], launch["startup_s"], launch["restore_s"]) for launch in data["launches"]] == [
+        ("fresh", 10, None), ("resumed", 20, 20), ("resumed", 12, 12)]
+    assert (data["totals"]["startup_s"], data["totals"]["restore_s"]) == (42, 32)  # restore: part of the startup
 
 
 def test_report_without_events_is_one_line(tmp_path, capsys):
@@ -269,9 +293,12 @@ def test_report_of_a_real_run_through_a_sigterm_and_a_sigkill(tmp_path):
     assert launches[1]["resumed_from"] == 7 and launches[1]["lost_steps"] == 0
     assert launches[2]["resumed_from"] == 20 and launches[2]["lost_steps"] == killed_at - 20
     for launch in launches:  # the categories add up to the wall time (to rounding)
-        parts = sum(launch[k] for k in ("restore_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s"))
+        parts = sum(launch[k] for k in ("startup_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s"))
         assert parts == pytest.approx(launch["wall_s"], abs=0.05), launch
-        assert launch["productive_s"] > 0 and launch["restore_s"] > 0
+        assert launch["productive_s"] > 0 and launch["startup_s"] > 0
+    assert [launch["start"] for launch in launches] == ["fresh", "resumed", "resumed"]
+    assert launches[0]["restore_s"] is None  # the fresh start restored nothing
+    assert [launch["restore_s"] for launch in launches[1:]] == [launch["startup_s"] for launch in launches[1:]]
 
 
 def test_refused_launches_are_listed_apart_and_never_counted(run_dir, capsys):

@@ -20,7 +20,7 @@ import torch
 from helpers import (assert_tensors_equal, job_folder, merge, newest_state, ok, run_cli,  # noqa: F401
                      run_torchrun, write_job)
 from runner import cli
-from runner.checkpoint import MANIFEST, CheckpointStore
+from runner.store import MANIFEST, CheckpointStore
 from runner.data import ShardedSampler
 
 SIZE = 512  # training samples: 16 steps per epoch on 1 rank, 8 on 2 (batch 32 per rank)

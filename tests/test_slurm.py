@@ -17,7 +17,7 @@ import pytest
 import slurm_cluster
 from fault_helpers import JOB, assert_same_final_state, last_step, reference, resumed, text, wait_until
 from helpers import REPO, child_env, newest_state, write_job
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 
 pytestmark = pytest.mark.slow
 

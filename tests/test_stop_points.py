@@ -1,4 +1,5 @@
-"""Where a run can stop, and that going on from there trains what an uninterrupted run trains (issue 20):
+"""Where a run can stop, and that going on from there trains what an uninterrupted run trains (README,
+"Checkpoints and resume" and "Preemption and fault tolerance"; docs/design.md, "Saving" and "Stopping"):
 a max_steps limit inside an epoch, later raised; a stop request during a long evaluation.
 
 "Bit-identical" compares the final checkpoint's model, optimizer, scheduler and progress (history included)

@@ -1,5 +1,6 @@
-"""Leftovers and wrong numbers after interrupted or refused launches (issue 20): a killed writer's S3 multipart
-upload, a stop while waiting for another run's lease, `ckpt verify` of an empty store, `ckpt inspect`'s epoch."""
+"""Leftovers and wrong numbers after interrupted or refused launches (README, "Checkpoints and resume": the commit
+rule, "One writer" and `runner ckpt`): a killed writer's S3 multipart upload, a stop while waiting for another
+run's lease, `ckpt verify` of an empty store, `ckpt inspect`'s epoch."""
 from __future__ import annotations
 
 import json
@@ -15,16 +16,16 @@ import torch
 
 from helpers import launched, runner_cmd, write_job
 from runner import cli
-from runner import lease as lease_mod
-from runner.checkpoint import CheckpointStore
-from runner.lease import LEASE, Lease, StoppedWaiting
+from runner.store import lease as lease_mod
+from runner.store import CheckpointStore
+from runner.store.lease import LEASE, Lease, StoppedWaiting
 from runner.report import build_report, load_events
 
 MiB = 1 << 20
 # The writer of a 10 MiB state.pt, SIGKILLed after its first two 5 MiB parts are uploaded.
 KILLED_WRITER = """
 import os, signal, sys
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 store = CheckpointStore(sys.argv[1], {"endpoint_url": sys.argv[2], "skip_instance_cache": True,
                                       "default_block_size": 5 << 20})
 def payload(out):

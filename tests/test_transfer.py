@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runner import cli
-from runner.checkpoint import CheckpointStore
+from runner.store import CheckpointStore
 from runner.config import load_config
 from runner.models import SmallCNN
 from helpers import REPO, assert_tensors_equal, ok, run_cli, run_torchrun, write_job  # noqa: F401

@@ -12,8 +12,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from runner.errors import CheckpointError
-from runner.storage_faults import one_line
+from runner.errors import CheckpointError, one_line
 
 MANIFEST = "MANIFEST.json"
 _MAX_DEPTH = 64  # deeper manifests are not ours, and recursive consumers (json.dumps, pickle) could overflow
@@ -119,3 +118,11 @@ def score(manifest: dict, metric: str | None) -> int | float | None:
     """The retention metric of a valid checkpoint's manifest; None (unscored) unless it is a finite number."""
     value = manifest.get("metrics", {}).get(metric)
     return value if type(value) is int or (type(value) is float and math.isfinite(value)) else None
+
+
+LEGACY_RUN_ID = "legacy"  # the run of a format-1 manifest, written before manifests named their run
+
+
+def run_id_of(manifest: dict) -> str:
+    """The run (lineage) a valid checkpoint's manifest belongs to."""
+    return str(manifest.get("run_id") or LEGACY_RUN_ID)

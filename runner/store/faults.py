@@ -2,16 +2,23 @@
 
 The one classification of storage errors, `storage_fault`, and `storage_errors`, which turns a failing storage
 call into a one-line StorageError / StorageUnavailable naming the URL. Used by the checkpoint store, the
-checkpointer and the lease. See docs/design.md, "Checkpoints and resume".
+checkpointer and the lease; `retry_transient` is the one retry rule (attempts and backoff). See docs/design.md, "Checkpoints and resume".
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Literal
+import time
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
-from runner.errors import RunnerError, StorageError, StorageUnavailable
+from runner.errors import RunnerError, StorageError, StorageUnavailable, one_line
+
+RETRY_ATTEMPTS = 3  # every storage operation runner retries: reads, the probe, each periodic save
+RETRY_BACKOFF_S = 1.0  # doubles after each failed attempt: 1 s, then 2 s
+_sleep = time.sleep  # retry_transient's pause; tests replace it
+T = TypeVar("T")
 
 # storage_fault's evidence. Class names, not classes, so that no cloud SDK is imported to classify its errors.
 _TRANSIENT_NAMES = frozenset({
@@ -35,10 +42,6 @@ _STORAGE_LIBS = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"
 
 Fault = Literal["transient", "permanent"]
 
-
-def one_line(exc: BaseException) -> str:
-    """The exception as "Type: message" on one line, for messages that name their cause."""
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _fault_of(exc: BaseException) -> Fault | None:
@@ -104,3 +107,19 @@ def storage_errors(action: str, url: str):
         raise StorageError(
             f"cannot {action} {url}: {detail}; check the path, permissions and storage credentials") from e
 
+def retry_transient(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS,
+                    backoff_s: float = RETRY_BACKOFF_S) -> T:
+    """fn(), called again after a doubling pause while it fails transiently; then StorageUnavailable naming
+    `what` (e.g. "reading s3://b/ckpt/step-000000005/state.pt"). Other errors propagate at once."""
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if storage_fault(e) == "permanent":
+                raise
+            if attempt >= attempts:
+                detail = str(e) if isinstance(e, RunnerError) else one_line(e)
+                raise StorageUnavailable(f"{what} failed {attempts} times; last error: {detail}") from e
+        _sleep(backoff_s * 2 ** (attempt - 1))
+        attempt += 1

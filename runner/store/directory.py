@@ -12,8 +12,8 @@ that PUT switches a re-committed step to the new objects, and only then are the 
 rewrite leaves the old checkpoint whole. See docs/design.md, "Checkpoints and resume".
 
 Storage failures surface as StorageError (permanent: fix the URL, permissions or credentials) or
-StorageUnavailable (transient: retry later), classified in one place, `storage_fault` (runner/storage_faults.py);
-reads and the probe retry transient failures here, `retry_transient`.
+StorageUnavailable (transient: retry later), classified in one place, `storage_fault` (store/faults.py);
+reads and the probe retry transient failures, `retry_transient`.
 
 Test hook: if the environment variable RUNNER_TEST_SLOW_COMMIT_S is set to a float, `commit`
 sleeps that many seconds after the data files are written and before the manifest is written,
@@ -29,28 +29,24 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO, NamedTuple, TypeVar
+from typing import BinaryIO, NamedTuple
 
 import fsspec
 
-from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, StorageError, StorageUnavailable
-from runner.manifest import (MANIFEST, check_files, fresh_object, parse_manifest, score, size_problem, stored_object,
-                             unreferenced)
-from runner.storage_faults import is_storage_exc, one_line, storage_errors, storage_fault
+from runner.console import warn
+from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, StorageError, one_line
+from runner.store.faults import is_storage_exc, retry_transient, storage_errors
+from runner.store.manifest import (MANIFEST, check_files, fresh_object, parse_manifest, run_id_of, score, size_problem,
+                                   stored_object, unreferenced)
 
 SLOW_COMMIT_ENV = "RUNNER_TEST_SLOW_COMMIT_S"
-LEGACY_RUN_ID = "legacy"  # the run of a manifest written before manifests named their run
 STEP_RE = re.compile(r"step-([0-9]+)")  # ASCII digits only: int() would read "step-٦" as step 6
 PROBE_PREFIX = ".probe-"
-RETRY_ATTEMPTS = 3
-RETRY_BACKOFF_S = 1.0  # doubles after each failed attempt: 1 s, then 2 s
-_sleep = time.sleep  # retry_transient's pause; tests replace it
 _TMP_PREFIX = ".tmp-"
 _ASIDE_PREFIX = ".old-"  # a committed checkpoint moved aside while its step is re-committed (local dirs)
 _CHUNK = 8 << 20  # verify streams files: a checkpoint may not fit in memory twice
@@ -58,7 +54,6 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "a
            "abfss": "azure", "adl": "azure"}
 _FSYNC_DIR_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,30 +75,9 @@ class Upload(NamedTuple):
     size: int  # bytes of the parts uploaded so far: S3 keeps (and bills) them until the upload is aborted
 
 
-def _warn_stderr(msg: str) -> None:
-    print(f"runner: warning: {msg}", file=sys.stderr)
-
-
 def _step_name(step: int) -> str:
     return f"step-{step:09d}"
 
-
-def retry_transient(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS,
-                    backoff_s: float = RETRY_BACKOFF_S) -> T:
-    """fn(), called again after a doubling pause while it fails transiently; then StorageUnavailable naming
-    `what` (e.g. "reading s3://b/ckpt/step-000000005/state.pt"). Other errors propagate at once."""
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except Exception as e:
-            if storage_fault(e) == "permanent":
-                raise
-            if attempt >= attempts:
-                detail = str(e) if isinstance(e, RunnerError) else one_line(e)
-                raise StorageUnavailable(f"{what} failed {attempts} times; last error: {detail}") from e
-        _sleep(backoff_s * 2 ** (attempt - 1))
-        attempt += 1
 
 
 def _open_fs(url: str, storage_options: dict | None):
@@ -322,7 +296,7 @@ class CheckpointStore:
             if not is_storage_exc(e):
                 raise
             # Committed all the same: the stale objects cost space, and cleanup_partial removes them later.
-            _warn_stderr(f"committed {self._url(name)} but could not delete the objects it replaced "
+            warn(f"committed {self._url(name)} but could not delete the objects it replaced "
                          f"({one_line(e)}); `cleanup_partial` removes them later")
 
     def _put(self, path: str, payload: Payload, label: str) -> tuple[int, str]:
@@ -466,7 +440,7 @@ class CheckpointStore:
                     return replace(info, valid=False, reason=f"{fname}: sha256 mismatch")
         return info
 
-    def latest_valid(self, warn=_warn_stderr) -> CheckpointInfo | None:
+    def latest_valid(self, warn=warn) -> CheckpointInfo | None:
         """Highest step that fully verifies; each newer one skipped is reported through `warn`."""
         for info in reversed(self.list()):
             if info.valid:
@@ -476,7 +450,7 @@ class CheckpointStore:
             warn(f"skipping checkpoint {info.url}: {info.reason}; falling back to an earlier one")
         return None
 
-    def read_latest(self, name: str = "state.pt", warn=_warn_stderr) -> tuple[CheckpointInfo, bytes] | None:
+    def read_latest(self, name: str = "state.pt", warn=warn) -> tuple[CheckpointInfo, bytes] | None:
         """The newest checkpoint whose `name` matches its manifest, with those bytes. Reading is the check, so
         a large checkpoint is downloaded once, not once to verify and again to load. Only an invalid or corrupt
         checkpoint is skipped for an older one: a transient storage error is retried and then raised
@@ -536,14 +510,12 @@ class CheckpointStore:
             return []
         infos = self.list()
         if run_id is not None:
-            infos = [i for i in infos if i.manifest and str(i.manifest.get("run_id") or LEGACY_RUN_ID) == run_id]
+            infos = [i for i in infos if i.manifest and run_id_of(i.manifest) == run_id]
         valid = [i for i in infos if i.valid]
         if not valid:
             return []
         keep = {i.step for i in valid[-keep_last:]}
-        scored = [i for i in valid if score(i.manifest, metric) is not None]
-        scored.sort(key=lambda i: score(i.manifest, metric), reverse=(mode == "max"))
-        keep |= {i.step for i in scored[:max(keep_best, 0)]}
+        keep |= {i.step for i in best_first(valid, metric, mode)[:max(keep_best, 0)]} if keep_best > 0 else set()
         doomed = [i for i in infos if i.step not in keep and i.step < valid[-1].step]
         with storage_errors("delete checkpoints under", self.url):
             for info in doomed:
@@ -584,9 +556,17 @@ class CheckpointStore:
                 if not is_storage_exc(e):
                     raise
                 # They cost space, not correctness: a store that refuses to list them must not stop the run.
-                _warn_stderr(f"could not abort the incomplete uploads under {self.url} ({one_line(e)}); S3 keeps "
+                warn(f"could not abort the incomplete uploads under {self.url} ({one_line(e)}); S3 keeps "
                              "their parts until they are aborted (a lifecycle rule AbortIncompleteMultipartUpload)")
         return removed
+
+
+def best_first(infos: list[CheckpointInfo], metric: str | None, mode: str = "min") -> list[CheckpointInfo]:
+    """The valid checkpoints with a finite `metric`, best first; of tied ones the newer first (it trained longer).
+    The one ranking: retention keeps the head of this list, `ckpt ls` and `export --checkpoint best` name its first."""
+    scored = [i for i in infos if i.valid and score(i.manifest, metric) is not None]
+    sign = 1 if mode == "min" else -1
+    return sorted(scored, key=lambda i: (sign * score(i.manifest, metric), -i.step))
 
 
 def open_checkpoint(url: str, storage_options: dict | None = None) -> tuple[CheckpointStore, CheckpointInfo]:
@@ -598,5 +578,5 @@ def open_checkpoint(url: str, storage_options: dict | None = None) -> tuple[Chec
     store = CheckpointStore(parent or ".", storage_options)
     info = store.info(url if parent else store._url(name))
     if info.reason == "directory missing":
-        raise CheckpointError(f"no checkpoint at {url}; list them with `runner ckpt list <dir>`")
+        raise CheckpointError(f"no checkpoint at {url}; list them with `runner ckpt ls <dir>`")
     return store, info

@@ -1,10 +1,11 @@
-"""What a run tells the user: log lines, a progress bar on terminals, metrics.jsonl. Rank 0 only."""
+"""What a run prints: log lines (rank 0), warnings (any rank, tagged with it), the progress bar, epoch lines.
+
+The one place that formats console output; the storage layer may import it (docs/design.md, "Modules")."""
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
-from pathlib import Path
 
 
 def log(message: str, env=None) -> None:
@@ -15,8 +16,20 @@ def log(message: str, env=None) -> None:
 
 def warn(message: str, env=None) -> None:
     """Warnings come from any rank, tagged with it."""
-    tag = f"rank {env.rank}: " if env is not None and env.world_size > 1 else ""
-    print(f"[runner] WARNING: {tag}{message}", file=sys.stderr, flush=True)
+    print(f"[runner] WARNING: {rank_tag(env)}{message}", file=sys.stderr, flush=True)
+
+
+def error(message: str) -> None:
+    """The one line a RunnerError becomes (cli.py), tagged with the rank like a warning."""
+    print(f"runner: error: {rank_tag()}{message}", file=sys.stderr, flush=True)
+
+
+def rank_tag(env=None) -> str:
+    """"rank N: " in a job of several processes (from `env`, else torchrun's environment), "" in one."""
+    if env is not None:
+        return f"rank {env.rank}: " if env.world_size > 1 else ""
+    rank = os.environ.get("RANK")
+    return f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 REDRAW_S = 0.1  # the progress bar redraws at most this often
@@ -57,6 +70,12 @@ class ProgressBar:
             sys.stdout.write("\n")
             sys.stdout.flush()
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def format_epoch(metrics: dict) -> str:
     parts = [f"epoch {metrics['epoch'] + 1}", f"step {metrics['step']}"]
@@ -66,39 +85,3 @@ def format_epoch(metrics: dict) -> str:
         elif key not in ("epoch", "step"):
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " ".join(parts)
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the (checkpointed) history, so a resumed run's file has no duplicates."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(m) + "\n" for m in history))
-
-
-class StepRecord:
-    """<out_dir>/last_step: the step rank 0 last reached, so the next start can say how many steps a kill cost.
-
-    One fixed-width in-place write per step (a rename per step costs ~0.3 ms); a torn number reads as unknown.
-    """
-
-    def __init__(self, out_dir: str, enabled: bool):
-        self.path, self.enabled, self.file = Path(out_dir) / "last_step", enabled, None
-
-    def last(self) -> int:
-        try:
-            return int(self.path.read_text())
-        except (OSError, ValueError):
-            return 0
-
-    def write(self, step: int) -> None:
-        if not self.enabled:
-            return
-        if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w")  # noqa: SIM115 — kept open for the run
-        self.file.seek(0)
-        self.file.write(f"{step:<20d}")
-        self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()

@@ -1,0 +1,13 @@
+"""The storage layer: checkpoints as bytes on any fsspec URL, with their commit rule, manifests, lease and faults.
+
+It knows bytes and URLs, not training: nothing here imports runner beyond `errors` and `console`
+(tests/test_structure.py holds it to that). The rest of runner uses the names below.
+"""
+from runner.store.directory import STEP_RE, CheckpointInfo, CheckpointStore, best_first, open_checkpoint
+from runner.store.faults import RETRY_ATTEMPTS, RETRY_BACKOFF_S, retry_transient, storage_errors, storage_fault
+from runner.store.lease import LEASE, Lease, LeaseHeld, StoppedWaiting
+from runner.store.manifest import LEGACY_RUN_ID, MANIFEST, run_id_of, score
+
+__all__ = ["LEASE", "LEGACY_RUN_ID", "MANIFEST", "RETRY_ATTEMPTS", "RETRY_BACKOFF_S", "STEP_RE", "CheckpointInfo",
+           "CheckpointStore", "Lease", "LeaseHeld", "StoppedWaiting", "best_first", "open_checkpoint", "retry_transient", "run_id_of",
+           "score", "storage_errors", "storage_fault"]
