@@ -78,7 +78,7 @@ class ProgressBar:
 
 
 def format_epoch(metrics: dict) -> str:
-    parts = [f"epoch {metrics['epoch'] + 1}", f"step {metrics['step']}"]
+    parts = [f"epoch {metrics['epoch']}", f"step {metrics['step']}"]
     for key, value in metrics.items():
         if key == "partial":  # max_steps stopped the run inside the epoch
             parts.append("(partial epoch)")

@@ -147,7 +147,7 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
             forward_backward(job, micro, state)
             bar.advance()
             if micro.sync:
-                outcome = optimizer_step(job, ckpt, launch, state, bar, last=micro.last)
+                outcome = end_step(job, ckpt, launch, state, bar, last=micro.last)
                 if outcome is not None:
                     return outcome
     return EPOCH_END
@@ -169,12 +169,12 @@ def forward_backward(job: Job, micro: MicroBatch, state: TrainState) -> None:
     job.step_fn.add(state.sums, state.metric_names, loss, outputs, micro.samples)
 
 
-def optimizer_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, bar: ProgressBar,
-                   last: bool) -> str | None:
-    """The optimizer step that ends an accumulation group, then what follows it: the records, a log step, the
-    ranks' agreement on stopping and saving, a periodic save. PREEMPTED or MAX_STEPS end the epoch here."""
+def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, bar: ProgressBar,
+             last: bool) -> str | None:
+    """What ends an accumulation group: the optimizer step, then the records, a log step, the ranks' agreement on
+    stopping and saving, a periodic save. PREEMPTED or MAX_STEPS end the epoch here."""
     cfg = job.cfg
-    step_optimizer(job)
+    optimizer_step(job)
     state.step += 1
     if job.scheduler is not None and cfg.scheduler.interval == "step":
         job.scheduler.step()
@@ -207,7 +207,7 @@ def running_loss(job: Job, ckpt: Checkpointer, state: TrainState) -> float:
     return loss_sum / max(count, 1)
 
 
-def step_optimizer(job: Job) -> None:
+def optimizer_step(job: Job) -> None:
     """Unscale and clip (train.grad_clip) the gradients, step the optimizer and the GradScaler, zero the grads."""
     if job.cfg.train.grad_clip:
         job.scaler.unscale_(job.optimizer)
@@ -238,14 +238,15 @@ def end_epoch(job: Job, state: TrainState, launch: Launch, outcome: str) -> str:
     complete = outcome != MAX_STEPS
     names = state.metric_names or []
     loss_sum, correct, count, *metric_sums = dist.all_sum(state.sums, env)
-    metrics = {"epoch": state.epoch, "step": state.step, "train_loss": loss_sum / max(count, 1)}
+    # the epoch numbered as everywhere a user reads one (log, ckpt ls, metrics.jsonl): from 1
+    metrics = {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss_sum / max(count, 1)}
     if job.step_fn.accuracy and (correct or job.data.num_classes):
         metrics["train_acc"] = correct / max(count, 1)
     metrics.update({f"train_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     with events.timers.during("eval"):
         val = evaluate(job, names, launch.agreement)
     if val is None:
-        log(f"evaluation of epoch {state.epoch + 1} cut by the stop request; the resumed run evaluates it again",
+        log(f"evaluation of epoch {metrics['epoch']} cut by the stop request; the resumed run evaluates it again",
             env)
         return PREEMPTED
     metrics.update(val)

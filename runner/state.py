@@ -21,13 +21,15 @@ class TrainState:
     epoch: int = 0               # current epoch, 0-based
     sample_in_epoch: int = 0     # the epoch's global position: samples all ranks consumed (data.ShardedSampler)
     step: int = 0                # optimizer steps done
-    # one metrics dict per finished epoch, then a partial one ("partial": True) where max_steps stopped the run
-    # inside an epoch: the epoch's full record replaces it when an extended run finishes that epoch
+    # one metrics dict per finished epoch ("epoch" numbered from 1, as the log does), then a partial one
+    # ("partial": True) where max_steps stopped the run inside an epoch: the epoch's full record replaces it when an
+    # extended run finishes that epoch
     history: list = field(default_factory=list)
     best: float | None = None    # early stopping: best value of the watched metric
     bad_epochs: int = 0          # early stopping: epochs since it improved
     finished: bool = False       # training reached its end; a restart has nothing to do
     metric_names: list | None = None  # train.step's metrics, fixed by the run's first step; None: not known yet
+    history_epochs_from: int = 1  # 0 in states written before history numbered epochs from 1 (restore renumbers)
     # this rank's running [loss sum, correct, count, one sum per metric name] of the epoch, sample-weighted, on the
     # training device: read only at log and epoch boundaries and saves, never per step
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
@@ -166,6 +168,9 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
     progress = dict(saved["progress"])
     if "batch_in_epoch" in progress:  # format 1 counted this rank's micro-batches
         progress["sample_in_epoch"] = progress.pop("batch_in_epoch") * legacy_batch
+    if progress.setdefault("history_epochs_from", 0) == 0:  # numbered from 0 before: as the log numbers them now
+        progress["history"] = [{**record, "epoch": record["epoch"] + 1} for record in progress.get("history", [])]
+        progress["history_epochs_from"] = 1
     state = TrainState(**progress)
     ranks = saved["ranks"]
     if env.rank < len(ranks):

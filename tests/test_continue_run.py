@@ -96,8 +96,9 @@ def train(tmp_path: Path, capsys, name: str = "job", **sections) -> tuple[int, s
 
 
 def epochs_trained(tmp_path: Path, name: str = "job") -> list[int]:
+    """The 0-based epochs metrics.jsonl records (it numbers them from 1, as the log does)."""
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["epoch"] for line in lines]
+    return [json.loads(line)["epoch"] - 1 for line in lines]
 
 
 def one_line_error(err: str) -> str:

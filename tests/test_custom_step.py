@@ -119,7 +119,7 @@ def test_dict_batches_train_and_the_step_metrics_are_sample_weighted_epoch_means
     cfg = load_config(job_file(tmp_path))
     assert train(cfg) == 0
     epochs = history(tmp_path / "job")
-    assert [m["epoch"] for m in epochs] == [0, 1, 2]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3]  # numbered as the log numbers them
     assert {"train_loss", "train_iou", "train_foreground", "val_loss", "val_iou", "val_foreground"} <= epochs[0].keys()
     assert "train_acc" not in epochs[0] and "val_acc" not in epochs[0]  # only runner's own step measures accuracy
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] and epochs[-1]["val_iou"] > epochs[0]["val_iou"]

@@ -1,6 +1,6 @@
 """No host sync per step: between log intervals runner's own code reads no tensor from the device and makes no
 blocking collective (torch's own, such as DDP's gradient all-reduce, do not count). Counted by the test-only
-hook RUNNER_TEST_COUNT_SYNCS (runner/faults.py) in real runs: one process, and 2 ranks under torchrun."""
+hook RUNNER_TEST_COUNT_SYNCS (runner/test_hooks.py) in real runs: one process, and 2 ranks under torchrun."""
 from __future__ import annotations
 
 import json

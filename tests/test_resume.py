@@ -422,3 +422,23 @@ def test_every_steps_alone_saves_on_epoch_ends_and_the_last_step(tmp_path, capsy
     code, out, err = in_process(["train", job], capsys)
     assert code == 0, out + err
     assert step_dirs(str(tmp_path / "c" / "checkpoints")) == names(saved)
+
+
+def test_a_state_written_when_history_numbered_epochs_from_0_reads_as_the_log_numbers_them():
+    """metrics.jsonl, the log and `ckpt ls` number epochs from 1; a checkpoint written before its history did (no
+    "history_epochs_from" in its progress) is renumbered on restore, so the resumed run's metrics.jsonl has one
+    numbering."""
+    from runner.dist import DistEnv
+    from runner.state import Staging, TrainState, capture, restore
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    history = [{"epoch": 1, "step": 4, "train_loss": 0.5}, {"epoch": 2, "step": 8, "train_loss": 0.4}]
+    saved = capture(model, optimizer, None, scaler, TrainState(epoch=2, step=8, history=history), env, Staging())
+    assert restore(saved, model, optimizer, None, scaler, env, "new", 0, 1).history == history
+    old = {**saved, "progress": {k: v for k, v in saved["progress"].items() if k != "history_epochs_from"}}
+    old["progress"]["history"] = [{**r, "epoch": r["epoch"] - 1} for r in history]
+    restored = restore(old, model, optimizer, None, scaler, env, "old", 0, 1)
+    assert restored.history == history and restored.history_epochs_from == 1

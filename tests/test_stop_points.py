@@ -72,10 +72,10 @@ def test_raising_max_steps_stopped_mid_epoch_trains_what_the_larger_limit_trains
     assert "extending the finished run" in out and f"done: {final} steps" in out
     assert_same_run(tmp_path / "ext", tmp_path / "straight")
     # the first run evaluated its last weights and said the record is partial
-    assert [(m["epoch"], m["step"], m.get("partial")) for m in first] == [(0, 23, None), (1, 30, True)]
+    assert [(m["epoch"], m["step"], m.get("partial")) for m in first] == [(1, 23, None), (2, 30, True)]
     assert "epoch 2 step 30 " in first_out and "(partial epoch)" in first_out
     history = records(tmp_path / "ext")
-    assert [m["epoch"] for m in history if not m.get("partial")] == list(range(final // STEPS_PER_EPOCH))
+    assert [m["epoch"] for m in history if not m.get("partial")] == list(range(1, final // STEPS_PER_EPOCH + 1))
     assert history[1]["step"] == 46  # epoch 2's record covers the whole epoch, the partial one is gone
 
 

@@ -179,7 +179,7 @@ def test_max_steps_stops_mid_epoch_and_saves_that_step(tmp_path, capsys, max_ste
     assert manifest["step"] == state["progress"]["step"] == max_steps
     assert (manifest["epoch"], manifest["sample_in_epoch"]) == (epoch, batch_in_epoch * 32)  # 1 process, batch 32
     assert state["progress"]["finished"]
-    assert [m["epoch"] for m in history(cfg)][:epoch] == list(range(epoch))  # finished epochs are logged
+    assert [m["epoch"] for m in history(cfg)][:epoch] == list(range(1, epoch + 1))  # finished epochs are logged
     assert f"done: {max_steps} steps" in capsys.readouterr().out
 
 
@@ -192,7 +192,7 @@ def test_scheduler_steps_per_epoch_or_per_step(tmp_path, interval):
               scheduler={"name": "StepLR", "args": {"step_size": 1, "gamma": gamma}, "interval": interval})
     h = history(cfg)
     # `lr` is the rate at the end of the epoch, before the epoch scheduler steps
-    decays = [m["epoch"] if interval == "epoch" else m["step"] for m in h]
+    decays = [m["epoch"] - 1 if interval == "epoch" else m["step"] for m in h]
     assert [m["lr"] for m in h] == pytest.approx([lr * gamma**n for n in decays])
     assert h[-1]["step"] == 12
     expected_last = 3 if interval == "epoch" else 12

@@ -5,7 +5,7 @@ This module knows bytes and fsspec URLs, not training. Layout:
     <store>/step-000001234/{MANIFEST.json, state.pt, ...}
 
 A checkpoint exists iff its MANIFEST.json is well-formed and every file it lists matches in size and sha256
-(what a well-formed manifest is: runner/manifest.py). Local filesystems write into `<store>/.tmp-step-…-<hex>`
+(what a well-formed manifest is: store/manifest.py). Local filesystems write into `<store>/.tmp-step-…-<hex>`
 and `os.replace` it into place. Object stores (no rename) write each data object under a fresh physical name
 (state.pt as state.<nonce>.pt, recorded as the file's "object" in the manifest), then the manifest in one PUT:
 that PUT switches a re-committed step to the new objects, and only then are the old ones deleted, so a failed
