@@ -26,17 +26,17 @@ import torch
 
 from . import __version__, dist, drift, preemption
 from .config import RunConfig, manifest_config, to_dict
+from .console import log, warn
+from .continuation import apply_changes, load_init_weights
 from .data import seed_all
 from .dist import DistEnv
-from .events import EventLog
-from .test_hooks import fail_commit
 from .errors import CheckpointError, ConfigError, RunnerError, StorageError
-from .continuation import apply_changes, load_init_weights
+from .events import EventLog
 from .job import Job
-from .console import log, warn
+from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, open_checkpoint, run_id_of,
                     storage_errors, storage_fault)
-from .state import Staging, TrainState, capture, load_bytes, restore, serialize
+from .test_hooks import fail_commit
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
 WRITER_NICE = 10     # the background writer's CPU priority (Linux nice, per thread)

@@ -14,8 +14,8 @@ import torch
 from . import drift, finetune, weights
 from .components import build_optimizer, build_scheduler
 from .data import steps_per_epoch
-from .errors import CheckpointError, ConfigError
 from .console import log, warn
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .job import Job
@@ -36,6 +36,7 @@ def load_init_weights(job: Job) -> tuple[int, int]:
     if saved is None:
         return 0, 0
     return continue_saved_run(job, saved)
+
 
 def continue_saved_run(job: Job, saved: weights.SavedRun) -> tuple[int, int]:
     """Load the optimizer, scheduler and scaler states a training script saved with its weights; return the
@@ -152,7 +153,8 @@ def use_job_values(optimizer: torch.optim.Optimizer, built: list[dict], changes:
     changed = {c.key for c in changes}
     for group, own in zip(optimizer.param_groups, built):
         if "optim.lr" in changed:
-            group["lr"] = rescaled_lr(group["lr"], group.get("initial_lr", group["lr"]), own.get("initial_lr", own["lr"]))
+            own_base = own.get("initial_lr", own["lr"])
+            group["lr"] = rescaled_lr(group["lr"], group.get("initial_lr", group["lr"]), own_base)
         for key, value in own.items():
             if (key in ("name", "path", "lr_mult", "initial_lr") or key not in group
                     or (key != "lr" and f"optim.args.{key}" in changed)):

@@ -13,8 +13,8 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
-from .errors import ConfigError, RunnerError
 from .console import warn
+from .errors import ConfigError, RunnerError
 
 
 @dataclass(frozen=True)

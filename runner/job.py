@@ -7,6 +7,7 @@ importing the loop. It only builds: pretrained weights (`model.init_from`) are l
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 

@@ -18,16 +18,16 @@ import torch
 from . import __version__, dist, finetune, preemption
 from .checkpointer import Checkpointer
 from .config import RunConfig, dump_yaml
+from .console import ProgressBar, format_epoch, log
 from .data import MicroBatch, SeededDataset, ShardedSampler, make_loader, micro_batches, to_device
 from .dist import DistEnv
 from .errors import ConfigError, RunnerError
 from .events import EVENTS, EventLog
-from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
 from .job import Job, build_job
-from .console import ProgressBar, format_epoch, log
 from .records import StepRecord, write_history
 from .state import TrainState
 from .tensorboard import TensorBoard
+from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
 
 EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempted", "early stop"
 

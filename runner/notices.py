@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import urlencode, urlparse
 
-from .errors import ConfigError
 from .console import warn
+from .errors import ConfigError
 
 AWS_METADATA_URL = "http://169.254.169.254"
 GCP_METADATA_URL = "http://metadata.google.internal"

@@ -223,7 +223,7 @@ def test_s3_without_credentials_fails_before_the_first_step(tmp_path, capsys, mo
 def test_a_final_checkpoint_that_fails_does_not_exit_0(tmp_path, capsys, monkeypatch):
     import runner.checkpointer as checkpointer
 
-    monkeypatch.setattr(checkpointer, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(checkpointer, "RETRY_BACKOFF_S", 0.01)
     job = write_job(tmp_path, "j", base=JOB, train={"max_epochs": 1})
     monkeypatch.setenv("RUNNER_TEST_FAIL_COMMIT_STEP", str(STEPS_PER_EPOCH))
     code, out, err = train(job, capsys=capsys)

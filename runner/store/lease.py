@@ -33,9 +33,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from runner.console import log, warn
 from runner.errors import CheckpointError, one_line
 from runner.store.faults import storage_errors
-from runner.console import log, warn
 
 LEASE = "LEASE.json"  # at the store root, where the store's listing (step-* directories only) ignores it
 SETTLE_S = 0.2  # how long a starter waits before reading its record back to see who won
