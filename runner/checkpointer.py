@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import __version__, dist, drift, preemption
 from .config import RunConfig, manifest_config, to_dict
@@ -30,7 +31,7 @@ from .console import log, warn
 from .continuation import apply_changes, load_init_weights
 from .data import seed_all
 from .dist import DistEnv
-from .errors import CheckpointError, ConfigError, RunnerError, StorageError
+from .errors import CheckpointError, ConfigError, RunnerError, StorageError, one_line
 from .events import EventLog
 from .job import Job
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
@@ -88,6 +89,7 @@ class Checkpointer:
         self.created = False  # rank 0 made the local directory (close removes it while still empty)
         self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
         self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # host copies of the state, reused per save
+        self.sharded = cfg.dist.strategy == "fsdp"  # every rank writes its shards (docs/design.md, "Sharded")
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -167,13 +169,17 @@ class Checkpointer:
         cfg, env = self.cfg, self.env
         changes = self._check_compatible(found)
         data, self._verified = self._verified, None
-        if data is None:  # the other ranks read what rank 0 chose
+        store = info = None
+        if data is None or "sharded" in found.manifest:  # the other ranks read what rank 0 chose; all, shards
             store, info = open_checkpoint(found.url, cfg.checkpoint.storage_options)
+        if data is None:
             data = store.read(info)
         written = found.manifest.get("config") or {}
         legacy_batch = (written.get("data") or {}).get("batch_size", cfg.data.batch_size) * self._saved_world(found)
         state = restore(load_bytes(data, found.url), job.model, job.optimizer, job.scheduler, job.scaler, env,
                         found.url, cfg.train.seed, legacy_batch)
+        if "sharded" in found.manifest:
+            load_shards(job, store, info)
         if changes:
             apply_changes(job, changes, scheduler_steps(cfg, state))
             log(f"applied config changes (resume.allow_changes): {drift.describe(changes)}", env)
@@ -193,6 +199,10 @@ class Checkpointer:
     def _check_compatible(self, found: Resume) -> list[drift.Change]:
         """Refuse changes to what trains (one line listing each) unless allowed; return the allowed ones."""
         cfg, env = self.cfg, self.env
+        if self.sharded and "sharded" not in found.manifest:
+            raise CheckpointError(f"{found.url} was written by one process (dist.strategy=ddp); resuming it with "
+                                  "dist.strategy=fsdp is not supported yet: resume with dist.strategy=ddp, or start a "
+                                  "new run in another checkpoint.dir")
         saved_cfg = found.manifest.get("config")
         if not isinstance(saved_cfg, dict):
             warn(f"{found.url} records no config, so changes to the job cannot be checked", env)
@@ -280,6 +290,9 @@ class Checkpointer:
             self.last_save_at = time.monotonic()
             if self.env.is_main:
                 self.wait()  # one snapshot at a time: the staging buffers are free again
+            if self.sharded:
+                self._save_sharded(job, state, emergency)
+                return
             staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
         if staged is None:
             return
@@ -288,6 +301,63 @@ class Checkpointer:
         self.writer = threading.Thread(target=self._write, args=(staged, self._meta(state), emergency, blocked.seconds),
                                        daemon=True)
         self.writer.start()
+
+    def _save_sharded(self, job: Job, state: TrainState, emergency: bool) -> None:
+        """dist.strategy fsdp, all ranks: each writes its shards of the model and optimizer state now
+        (torch.distributed.checkpoint, hashed as written), rank 0 also state.pt with the rest (scheduler, scaler,
+        every rank's RNG and sums, progress); once every rank's files are written, rank 0 commits the manifest
+        listing them all. Training waits for the write: every rank writes only its part, in parallel."""
+        from .store import sharded
+
+        t0, step, env = time.perf_counter(), state.step, self.env
+        attempt = dist.broadcast(sharded.new_attempt(), env)
+        rest = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, env, self.staging, weights=False)
+        entries, problem = {}, None
+        try:
+            model_state, optimizer_state = get_state_dict(job.model, job.optimizer)
+            entries = sharded.save_shards(self.store, step, attempt, {"model": model_state,
+                                                                      "optimizer": optimizer_state})
+            if env.is_main:
+                entries.update(sharded.write_file(self.store, step, attempt, "state.pt", lambda out: serialize(rest, out)))
+        except Exception as e:  # noqa: BLE001 — reported below on every rank; the previous checkpoint stays
+            problem = f"rank {env.rank}: {one_line(e)}"
+        written = dist.gather((entries, problem), env)
+        self.write_ok, self.written_bytes = False, sum(e["size"] for files, _ in written for e in files.values())
+        if env.is_main:
+            problems = [p for _, p in written if p]
+            self._commit_shards(step, attempt, {n: e for files, _ in written for n, e in files.items()}, problems,
+                                self._meta(state))
+            if not self.write_ok:
+                with contextlib.suppress(Exception):  # else the next start's cleanup removes them
+                    sharded.discard_attempt(self.store, step, attempt)
+        self.write_ok = dist.broadcast(self.write_ok, env)
+        write_s = time.perf_counter() - t0
+        if self.write_ok:
+            self.last_save_took_s = write_s
+        self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=write_s, write_s=write_s,
+                         committed=self.write_ok, emergency=emergency)
+
+    def _commit_shards(self, step: int, attempt: str, files: dict, problems: list[str], meta: dict) -> None:
+        """Rank 0: the manifest of a sharded save, last, if every rank wrote its part and the lease is still ours."""
+        from .store import sharded
+
+        try:
+            if problems:
+                raise CheckpointError("; ".join(problems))
+            if self.lease is not None and not self.lease.still_ours():
+                self.broken = FENCED.format(url=self.url)
+                raise CheckpointError(self.broken)
+            fail_commit(step)
+            url = sharded.commit_shards(self.store, step, attempt, files, meta)
+        except Exception as e:  # noqa: BLE001 — classified: a permanent storage fault stops saving
+            if storage_fault(e) == "permanent" and not problems and self.broken is None:
+                self.broken = f"saving to {self.url} cannot work: {e}"
+            warn(f"CHECKPOINT FAILED: step {step} was not saved to {self.url}: {e}. The last committed step is "
+                 f"{self.last_committed}.")
+            return
+        self.last_committed, self.write_ok = step, True
+        log(f"checkpoint step {step} committed ({len(files)} files from {self.env.world_size} rank(s)): {url}")
+        self._prune()
 
     def _meta(self, state: TrainState) -> dict:
         last = state.history[-1] if state.history else {}
@@ -441,6 +511,17 @@ class Checkpointer:
                 os.rmdir(self.store.root)
 
 
+def load_shards(job: Job, store: CheckpointStore, info) -> None:
+    """All ranks: the model and optimizer state of a sharded checkpoint into this job's (resharded to its world
+    size by torch.distributed.checkpoint; a plain or DDP job gets whole tensors)."""
+    from .store import sharded
+
+    model_state, optimizer_state = get_state_dict(job.model, job.optimizer)
+    target = {"model": model_state, "optimizer": optimizer_state}
+    sharded.load_shards(store, info, target)
+    set_state_dict(job.model, job.optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+
+
 def yield_to_training() -> None:
     """Lower this (writer) thread's CPU priority, and that of the hashing thread it starts: where cores are
     short, the scheduler then runs the training step first and the write in what is left, instead of slowing
@@ -450,7 +531,8 @@ def yield_to_training() -> None:
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """This rank's parameters (its shards, under FSDP) are all finite; the caller agrees over ranks."""
+    return all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
 
 
 def scheduler_steps(cfg: RunConfig, state: TrainState) -> int:

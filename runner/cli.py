@@ -186,6 +186,15 @@ def cmd_ckpt_inspect(args) -> int:
         print(f"position: step {m.get('step')}, {where}, written by {m.get('world_size')} process(es)")
     print(json.dumps(info.manifest, indent=2, sort_keys=True))
     state = load_bytes(store.read(info), info.url)
+    if "sharded" in m:  # the model and optimizer are in every rank's shards: their global shapes
+        from .store import sharded
+
+        shapes = sharded.tensor_shapes(store, info)
+        for section in ("model", "optimizer"):
+            state[section] = {name[len(section) + 1:]: torch.empty(shape, dtype=dtype, device="meta")
+                              for name, (shape, dtype) in shapes.items() if name.startswith(section + ".")}
+        print(f"sharded: {len([n for n in m['files'] if n.endswith('.distcp')])} shard file(s) written by "
+              f"{m.get('world_size')} rank(s); global shapes below")
     for section in ("model", "optimizer", "scheduler", "scaler"):
         print(f"\n[{section}]")
         for name, value in flatten(state.get(section)):

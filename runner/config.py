@@ -181,6 +181,14 @@ class DistConfig:
     """auto: NCCL when every rank has its own GPU, gloo otherwise."""
     timeout_s: float = 300.0
     """A collective that waits longer than this fails, turning a dead or hung peer into an error."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters, gradients and optimizer
+    state sharded over the ranks (FSDP2), and every rank writes its shards of each checkpoint."""
+    fsdp_blocks: list[str] = field(default_factory=list)
+    """fsdp: class names of the modules sharded as one unit each (their parameters gathered together); empty: the
+    members of every nn.ModuleList (a transformer's blocks), else every direct child that holds parameters."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward (less memory, one more all-gather in backward)."""
 
 
 @dataclass(frozen=True)

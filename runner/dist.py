@@ -1,15 +1,18 @@
-"""torchrun environment → process group, device, DDP wrapper, and the few collectives the loop needs.
+"""torchrun environment → process group, device, the strategy (DDP, or FSDP2 sharding), and the few collectives
+the loop needs.
 
 Without torchrun's environment (no WORLD_SIZE) nothing is initialized: world size 1, plain calls.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import DistConfig
@@ -101,9 +104,55 @@ def teardown() -> None:
         tdist.destroy_process_group()
 
 
+def shard(model: torch.nn.Module, cfg: DistConfig, env: DistEnv, precision: str) -> torch.nn.Module:
+    """dist.strategy fsdp: FSDP2 on a 1-D mesh of all ranks (a CPU mesh under gloo, also where GPUs exist:
+    pytorch/pytorch#132471): each block its own unit, then the root; its parameters become this rank's shards
+    (DTensors), so build the optimizer after this. bf16 computes in bf16 and reduces and keeps the master weights in
+    fp32. One process without torchrun trains the plain model (and still writes sharded checkpoints)."""
+    if not tdist.is_initialized():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    for block in fsdp_blocks(model, cfg.fsdp_blocks):
+        fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)
+    return model
+
+
+def fsdp_blocks(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Module]:
+    """The modules sharded as one unit each: those of the classes `names` (dist.fsdp_blocks), else the members of
+    every nn.ModuleList, else every direct child that holds parameters."""
+    if names:
+        found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+        if not found:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ConfigError(f"dist.fsdp_blocks: no module of class {', '.join(names)} in the model; it has "
+                              f"{', '.join(present)}")
+        return found
+    lists = [child for m in model.modules() if isinstance(m, torch.nn.ModuleList) for child in m]
+    return lists or [c for c in model.children() if any(True for _ in c.parameters())]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """A context in which backward reduces gradients over ranks only when `sync` (the accumulation group's last
+    micro-batch): DDP's no_sync, FSDP2's requires_gradient_sync (no reduce-scatter before the last)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+
 def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    """DDP over the parameters that require grad *now*; call again when that set changes."""
-    if not env.distributed:
+    """DDP over the parameters that require grad *now*; call again when that set changes. A sharded (FSDP2) model
+    trains as it is: its frozen parameters simply get no gradients."""
+    if not env.distributed or is_sharded(model):
         return model
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("nothing to train: every parameter is frozen in this phase (finetune.phases)")

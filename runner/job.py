@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import finetune
+from . import dist, finetune
 from .components import build_loss, build_model, build_optimizer, build_scheduler, build_step
 from .config import RunConfig
 from .data import Datasets, build_datasets
@@ -47,6 +47,14 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
                           f"{env.world_size} processes; every rank needs at least one sample per epoch")
     model, phases, head = build_model_for(cfg, data)
     model.to(env.device)
+    if cfg.dist.strategy == "fsdp":
+        if cfg.model.init_from and env.distributed:
+            raise ConfigError("model.init_from with dist.strategy=fsdp on several processes is not supported yet; "
+                              "start from it with dist.strategy=ddp (or in one process), then resume with fsdp")
+        model = dist.shard(model, cfg.dist, env, cfg.train.precision)  # before the optimizer: it holds the shards
+        if data.val is not None and len(data.val) < env.world_size:  # each rank's forwards are collectives
+            raise ConfigError(f"data: the validation set has {len(data.val)} sample(s), fewer than the "
+                              f"{env.world_size} processes; under dist.strategy=fsdp every rank evaluates")
     optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")

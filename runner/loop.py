@@ -158,8 +158,7 @@ def forward_backward(job: Job, micro: MicroBatch, state: TrainState) -> None:
     last only), then what the step measured added to the running sums on the device."""
     batch = to_device(micro.batch, job.env.device, non_blocking=True)
     model = job.wrapped
-    no_sync = model.no_sync() if not micro.sync and hasattr(model, "no_sync") else contextlib.nullcontext()
-    with no_sync:
+    with dist.gradient_sync(model, micro.sync):
         with autocast(job):
             loss, outputs = job.step_fn(model, batch, training=True)
         # no division (and no autograd node for it) without accumulation: on a small model each op shows
@@ -220,7 +219,9 @@ def optimizer_step(job: Job) -> None:
 
 def autocast(job: Job):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.cfg.train.precision)
-    if dtype is None:  # building a disabled torch.autocast each step costs more than the step of a tiny model
+    # building a disabled torch.autocast each step costs more than the step of a tiny model; a sharded model casts
+    # by its MixedPrecisionPolicy (dist.shard)
+    if dtype is None or dist.is_sharded(job.model):
         return contextlib.nullcontext()
     return torch.autocast(job.env.device.type, dtype=dtype)
 
@@ -284,6 +285,7 @@ def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | N
     sampler = ShardedSampler(len(job.data.val), env.rank, env.world_size, 0, shuffle=False, pad=False)
     batch_size, left = cfg.data.eval_batch_size or cfg.data.batch_size, len(sampler)
     common = math.ceil(len(job.data.val) // env.world_size / batch_size)  # batches of the smallest share
+    most = math.ceil(math.ceil(len(job.data.val) / env.world_size) / batch_size)  # and of the largest
     loader = make_loader(job.data.val, sampler, batch_size, cfg.data.num_workers, env.device.type == "cuda")
     sums = torch.zeros(3 + len(names), dtype=torch.float64, device=env.device)
     was_training = model.training
@@ -296,6 +298,8 @@ def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | N
             if agreement is not None and index < common and agreement.stop_agreed(settle=index + 1 == common):
                 model.train(was_training)
                 return None
+        if dist.is_sharded(model) and 0 < len(loader) < most:  # each forward all-gathers: as many on every rank
+            job.step_fn(model, to_device(batch, env.device), training=False)
     model.train(was_training)
     loss_sum, correct, count, *metric_sums = dist.all_sum(sums, env)
     metrics = {"val_loss": loss_sum / max(count, 1)}

@@ -100,7 +100,7 @@ class GPT(nn.Module):
         x = self.dropout(self.tokens(idx) + self.positions(torch.arange(length, device=idx.device)))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)).transpose(1, 2)
+        return self.head(self.norm(x)).transpose(1, 2).contiguous()  # not a view: FSDP2 warns of in-place ops on one
 
 
 def init_gpt_weights(module: nn.Module) -> None:

@@ -105,9 +105,11 @@ class Staging:
         return buf.copy_(t.detach(), non_blocking=t.is_cuda)
 
 
-def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv, staging: Staging) -> dict | None:
+def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv, staging: Staging,
+            weights: bool = True) -> dict | None:
     """Copy the training state to host memory; every rank must call (per-rank parts are gathered); rank 0 gets
-    the copy, which `serialize` streams into the store off the training thread.
+    the copy, which `serialize` streams into the store off the training thread. `weights` False: without the model
+    and optimizer states (a sharded checkpoint holds them in its shards).
 
     Per rank: RNG states and the running metric sums of the epoch, so a resumed rank continues exactly.
     """
@@ -115,8 +117,8 @@ def capture(model, optimizer, scheduler, scaler, state: TrainState, env: DistEnv
     if not env.is_main:
         return None
     staged = staging.copy({
-        "model": dist.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": dist.unwrap(model).state_dict() if weights else None,
+        "optimizer": optimizer.state_dict() if weights else None,
         "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
     })
@@ -156,8 +158,9 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
     `legacy_batch`: global samples per micro-batch of the run that wrote a format-1 state (position in batches).
     """
     try:
-        dist.unwrap(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if saved["model"] is not None:  # None: a sharded checkpoint, whose shards the caller loads
+            dist.unwrap(model).load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:  # the model or optimizer groups differ from the saved ones
         raise CheckpointError(f"{source} does not fit this job's model or optimizer ({one_line(e)}); resume it with "
                               "the job that wrote it, or start a new run in another checkpoint.dir") from None

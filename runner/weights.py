@@ -84,12 +84,27 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str, str | Non
         store, info = open_checkpoint(url, storage_options)
         data = store.read(info)
     else:
-        found = CheckpointStore(url, storage_options).read_latest()
+        store = CheckpointStore(url, storage_options)
+        found = store.read_latest()
         if found is None:
             raise CheckpointError(f"{url} is a directory with no committed runner checkpoint (no MANIFEST.json); "
                                   "point model.init_from at a weights file, a step-N checkpoint or a checkpoint.dir")
         info, data = found
+    if "sharded" in info.manifest:  # its weights are in every rank's shards: gathered whole here
+        data = _with_full_model(store, info, data)
     return data, f"{info.url}/state.pt", "runner checkpoint"
+
+
+def _with_full_model(store: CheckpointStore, info, data: bytes) -> bytes:
+    """A sharded checkpoint's state.pt with its model state_dict put back whole (read from the shards with no
+    process group, on any world size), as an unsharded checkpoint holds it."""
+    from runner.store import sharded
+
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state["model"] = sharded.read_full(store, info, "model")
+    out = io.BytesIO()
+    torch.save(state, out)
+    return out.getvalue()
 
 
 def _unsafe_types(data: bytes, err: Exception) -> tuple[str, list[str]]:

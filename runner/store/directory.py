@@ -265,19 +265,25 @@ class CheckpointStore:
                 size, sha = _write_synced(os.path.join(tmp, fname), payload, f"{self._url(name)}/{fname}")
                 entries[fname] = {"size": size, "sha256": sha}
             _test_pause()
-            _write_synced(os.path.join(tmp, MANIFEST), self._manifest(meta, step, entries))
-            _fsync_dir(tmp)
-            final, aside = self._path(name), None
-            if os.path.lexists(final):  # rename() cannot replace a non-empty directory: move it aside
-                aside = self._path(f"{_ASIDE_PREFIX}{name}-{uuid.uuid4().hex}")  # cleanup_partial restores it
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            if aside:
-                self._delete(aside)
+            self._install_local(tmp, name, self._manifest(meta, step, entries))
         finally:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _install_local(self, tmp: str, name: str, manifest: bytes) -> None:
+        """The local commit point: write `manifest` into the fully written sibling directory `tmp`, fsync it and
+        rename it into place as `name`. A committed version of `name` is moved aside first and deleted after
+        (cleanup_partial puts it back if a kill lands between the two renames). Shared with store/sharded.py."""
+        _write_synced(os.path.join(tmp, MANIFEST), manifest)
+        _fsync_dir(tmp)
+        final, aside = self._path(name), None
+        if os.path.lexists(final):  # rename() cannot replace a non-empty directory: move it aside
+            aside = self._path(f"{_ASIDE_PREFIX}{name}-{uuid.uuid4().hex}")  # cleanup_partial restores it
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        if aside:
+            self._delete(aside)
 
     def _commit_object(self, name: str, step: int, files: dict[str, Payload], meta: dict) -> None:
         base, nonce, entries = self._path(name), uuid.uuid4().hex[:12], {}
@@ -286,11 +292,19 @@ class CheckpointStore:
             size, sha = self._put(f"{base}/{obj}", payload, f"{self._url(name)}/{fname}")
             entries[fname] = {"size": size, "sha256": sha, "object": obj}
         _test_pause()
+        self._publish_object(name, self._manifest(meta, step, entries), entries)
+
+    def _publish_object(self, name: str, manifest: bytes, entries: dict) -> None:
+        """The object-store commit point: one PUT of `manifest` into step directory `name`, whose files (`entries`,
+        as in the manifest) are all written; then the objects it does not reference (a replaced version of this
+        step, a failed attempt's leftovers) are deleted. Shared with store/sharded.py."""
+        base = self._path(name)
         # a single PUT: the commit point
-        self.fs.pipe_file(f"{base}/{MANIFEST}", self._manifest(meta, step, entries))
+        self.fs.pipe_file(f"{base}/{MANIFEST}", manifest)
         try:
             self.fs.invalidate_cache(base)
-            for obj in sorted(set(self._relative_files(base)) - {MANIFEST, *(e["object"] for e in entries.values())}):
+            referenced = {MANIFEST, *(stored_object(n, e) for n, e in entries.items())}
+            for obj in sorted(set(self._relative_files(base)) - referenced):
                 self.fs.rm_file(f"{base}/{obj}")
         except Exception as e:
             if not is_storage_exc(e):
@@ -454,11 +468,15 @@ class CheckpointStore:
         """The newest checkpoint whose `name` matches its manifest, with those bytes. Reading is the check, so
         a large checkpoint is downloaded once, not once to verify and again to load. Only an invalid or corrupt
         checkpoint is skipped for an older one: a transient storage error is retried and then raised
-        (StorageUnavailable), so that a network blip never rolls a run back to an older checkpoint."""
+        (StorageUnavailable), so that a network blip never rolls a run back to an older checkpoint. A sharded
+        checkpoint's other files (every rank's shards) are verified too, before it is chosen."""
         for info in reversed(retry_transient(self.list, f"listing {self.url}")):
             reason = info.reason
             if info.valid and name not in info.manifest["files"]:
                 reason = f"{name}: not in its manifest"
+            elif info.valid and "sharded" in info.manifest and not (
+                    checked := retry_transient(functools.partial(self.verify, info), f"verifying {info.url}")).valid:
+                reason = checked.reason
             elif info.valid:
                 try:
                     return info, retry_transient(functools.partial(self.read, info, name),

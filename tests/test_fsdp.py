@@ -1,0 +1,151 @@
+"""dist.strategy: fsdp — FSDP2 training on CPU with gloo, and sharded checkpoints that every rank writes (README,
+"Models larger than one process"; docs/design.md, "Sharded checkpoints"): the same command resumes a run killed
+mid-epoch to the weights of an uninterrupted one, another world size resumes it resharded, and a damaged shard is
+named and skipped."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import torch
+
+from helpers import assert_tensors_equal, kill_everything, merge, ok, run_cli, run_torchrun, start, torchrun_cmd, write_job
+from runner.store import CheckpointStore
+
+CORPUS_BYTES = 24_000
+GPT = {"name": "gpt", "args": {"layers": 2, "heads": 2, "width": 32, "dropout": 0.1}}
+FSDP_JOB = {
+    "model": GPT,
+    "data": {"name": "text", "batch_size": 8, "args": {"context": 32}},  # path set per test
+    "optim": {"name": "AdamW", "lr": 3.0e-3},
+    "scheduler": {"name": "CosineAnnealingLR", "interval": "step", "args": {"T_max": 60}},
+    "train": {"max_epochs": 2, "grad_clip": 1.0, "log_every_steps": 5, "accumulate": 2},
+    "checkpoint": {"every_steps": 4, "keep_last": 3},
+    "dist": {"strategy": "fsdp"},
+    "preemption": {"notice": "off"},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    generator = torch.Generator().manual_seed(0)
+    path.write_bytes(bytes((torch.randint(0, 12, (CORPUS_BYTES,), generator=generator) + 97).tolist()))
+    return str(path)
+
+
+def fsdp_job(tmp_path, name: str, corpus: str, **changes) -> object:
+    return write_job(tmp_path, name, base=merge(FSDP_JOB, {"data": {"args": {"path": corpus}}}), **changes)
+
+
+def full_state(ckpt_dir) -> tuple[dict, dict]:
+    """(model and optimizer state as whole tensors, manifest) of the newest valid checkpoint, read in this process
+    without a process group, as `runner export` would."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from runner.components import build_model
+    from runner.config import ModelConfig
+    from runner.store import sharded
+
+    store = CheckpointStore(str(ckpt_dir))
+    info = store.latest_valid()
+    assert info is not None and "sharded" in info.manifest, info
+    model = build_model(ModelConfig(**GPT), 256, (32,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    target = {"model": model_state, "optimizer": optimizer_state}
+    sharded.load_shards(store, info, target)
+    return target, info.manifest
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, moments in a["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][key][name])), (key, name)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus):
+    """The uninterrupted 2-rank fsdp run: (its final state read whole, its metrics.jsonl)."""
+    folder = tmp_path_factory.mktemp("straight")
+    ok(run_torchrun("train", fsdp_job(folder, "straight", corpus)))
+    expected, manifest = full_state(folder / "straight" / "checkpoints")
+    files = manifest["files"]
+    assert manifest["world_size"] == 2 and len([n for n in files if n.endswith(".distcp")]) >= 2
+    total = sum(e["size"] for e in files.values())
+    assert max(e["size"] for e in files.values()) < 0.75 * total  # no file holds the whole state
+    return expected, (folder / "straight" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, corpus, straight):
+    job = fsdp_job(tmp_path, "killed", corpus)
+    log = tmp_path / "killed.log"
+    proc = start(torchrun_cmd("train", job), log)
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"checkpoint step (1[2-9]|[2-9]\d) committed", log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        kill_everything(proc)  # SIGKILL to every process of the job, mid-epoch
+    out = ok(run_torchrun("train", job))
+    assert re.search(r"resuming from .*step-0+(1[2-9]|[2-9]\d)", out), out[-3000:]
+    resumed, _ = full_state(tmp_path / "killed" / "checkpoints")
+    assert_same_state(straight[0], resumed)
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == straight[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sharded_run_commits_every_ranks_part_and_loses_no_step(tmp_path, corpus, straight):
+    job = fsdp_job(tmp_path, "stopped", corpus)
+    first = run_torchrun("train", job, env={"RUNNER_TEST_SIGNAL_AT_STEP": "9:1"})  # rank 1 alone gets SIGTERM
+    out = first.stdout + first.stderr
+    assert re.search(r"preempted: step 10 committed .*exiting with status 75", out), out[-3000:]
+    second = ok(run_torchrun("train", job))
+    assert re.search(r"resuming from .*step-000000010: .*; 0 step\(s\) lost", second), second[-3000:]
+    resumed, _ = full_state(tmp_path / "stopped" / "checkpoints")
+    assert_same_state(straight[0], resumed)
+    assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == straight[1]
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_resharded_on_one_process_and_a_damaged_shard_is_skipped(tmp_path, corpus):
+    job = fsdp_job(tmp_path, "job", corpus, train={"max_steps": 12, "accumulate": 1}, data={"global_batch_size": 32})
+    ok(run_torchrun("train", job))
+    ckpt = tmp_path / "job" / "checkpoints"
+    written, _ = full_state(ckpt)
+    store = CheckpointStore(str(ckpt))
+    newest = store.list()[-1]
+    exported = tmp_path / "model.pt"  # gathered whole in one process, without the world size that wrote it
+    ok(run_cli("export", job, str(exported)))
+    assert_tensors_equal(torch.load(exported, weights_only=True), written["model"])
+    inspect = ok(run_cli("ckpt", "inspect", newest.url))
+    assert "shard file(s) written by 2 rank(s)" in inspect and "  tokens.weight: (256, 32) float32" in inspect, inspect
+    shard = next(n for n in newest.manifest["files"] if n.endswith(".distcp"))
+    path = ckpt / newest.url.rsplit("/", 1)[-1] / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    verify = run_cli("ckpt", "verify", str(ckpt))
+    assert verify.returncode == 1 and shard in verify.stdout + verify.stderr, verify.stdout + verify.stderr
+
+    out = ok(run_cli("train", job, "train.max_steps=16", "resume.allow_world_size_change=true"))
+    assert "skipping checkpoint" in out and shard in out, out[-3000:]
+    assert re.search(r"resuming from .*step-000000008: step 8, .*written by 2 process", out), out[-3000:]
+    assert "world size 2 → 1" in out and "done: 16 steps" in out, out[-3000:]
+    assert written["model"].keys() == full_state(ckpt)[0]["model"].keys()
+
+
+@pytest.mark.slow
+def test_the_fsdp_gpt_example_trains_sharded_as_documented(tmp_path):
+    """examples/gpt-fsdp.yaml under torchrun with the laptop overrides and a few steps: each rank writes shards."""
+    out = ok(run_torchrun("train", "examples/gpt-fsdp.yaml", f"out_dir={tmp_path / 'gpt'}", "model.args.layers=1",
+                          "model.args.width=32", "data.args.max_bytes=200000", "train.max_steps=3",
+                          "scheduler.args.total_steps=3"))
+    assert "done: 3 steps" in out and "files from 2 rank(s)" in out, out[-3000:]
+    info = CheckpointStore(str(tmp_path / "gpt" / "checkpoints")).latest_valid()
+    assert len([n for n in info.manifest["files"] if n.endswith(".distcp")]) == 2
