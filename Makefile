@@ -36,6 +36,7 @@ $(VENV)/.bench: $(VENV)/.dev
 bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/checkpoint_bench.py
 	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/sharded_bench.py
 
 clean:
 	rm -rf $(VENV) runs
