@@ -318,7 +318,8 @@ class Checkpointer:
             entries = sharded.save_shards(self.store, step, attempt, {"model": model_state,
                                                                       "optimizer": optimizer_state})
             if env.is_main:
-                entries.update(sharded.write_file(self.store, step, attempt, "state.pt", lambda out: serialize(rest, out)))
+                entries.update(sharded.write_file(self.store, step, attempt, "state.pt",
+                                                  lambda out: serialize(rest, out)))
         except Exception as e:  # noqa: BLE001 — reported below on every rank; the previous checkpoint stays
             problem = f"rank {env.rank}: {one_line(e)}"
         written = dist.gather((entries, problem), env)

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from helpers import assert_tensors_equal, kill_everything, merge, ok, run_cli, run_torchrun, start, torchrun_cmd, write_job
+from helpers import (assert_tensors_equal, kill_everything, merge, ok, run_cli, run_torchrun, start, torchrun_cmd,
+                     write_job)
 from runner.store import CheckpointStore
 
 CORPUS_BYTES = 24_000
@@ -59,6 +60,13 @@ def full_state(ckpt_dir) -> tuple[dict, dict]:
     return target, info.manifest
 
 
+def assert_same_run(out_dir, straight: tuple[dict, str]) -> None:
+    """The run in `out_dir` ended with the uninterrupted run's model, optimizer state and metrics.jsonl."""
+    resumed, _ = full_state(out_dir / "checkpoints")
+    assert_same_state(straight[0], resumed)
+    assert (out_dir / "metrics.jsonl").read_text() == straight[1]
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -94,9 +102,7 @@ def test_a_sharded_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp
         kill_everything(proc)  # SIGKILL to every process of the job, mid-epoch
     out = ok(run_torchrun("train", job))
     assert re.search(r"resuming from .*step-0+(1[2-9]|[2-9]\d)", out), out[-3000:]
-    resumed, _ = full_state(tmp_path / "killed" / "checkpoints")
-    assert_same_state(straight[0], resumed)
-    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == straight[1]
+    assert_same_run(tmp_path / "killed", straight)
 
 
 @pytest.mark.slow
@@ -107,9 +113,7 @@ def test_sigterm_to_a_sharded_run_commits_every_ranks_part_and_loses_no_step(tmp
     assert re.search(r"preempted: step 10 committed .*exiting with status 75", out), out[-3000:]
     second = ok(run_torchrun("train", job))
     assert re.search(r"resuming from .*step-000000010: .*; 0 step\(s\) lost", second), second[-3000:]
-    resumed, _ = full_state(tmp_path / "stopped" / "checkpoints")
-    assert_same_state(straight[0], resumed)
-    assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == straight[1]
+    assert_same_run(tmp_path / "stopped", straight)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 The one classification of storage errors, `storage_fault`, and `storage_errors`, which turns a failing storage
 call into a one-line StorageError / StorageUnavailable naming the URL. Used by the checkpoint store, the
-checkpointer and the lease; `retry_transient` is the one retry rule (attempts and backoff). See docs/design.md, "Checkpoints and resume".
+checkpointer and the lease; `retry_transient` is the one retry rule (attempts and backoff). See docs/design.md,
+"Checkpoints and resume".
 """
 
 from __future__ import annotations
