@@ -69,9 +69,10 @@ def parse_prefix(text: str | None) -> KeyMapping | None:
     return KeyMapping(name if not name or name.endswith(".") else name + ".", add)
 
 
-def _read(url: str, storage_options: dict | None) -> tuple[bytes, str, str | None]:
+def _read(url: str, storage_options: dict | None) -> tuple[bytes | dict, str, str | None]:
     """The weights file's bytes, its path, and "runner checkpoint" when it is one. A runner checkpoint
-    directory stands for its (verified) state.pt, and a checkpoint store directory for its newest valid one."""
+    directory stands for its (verified) state.pt, and a checkpoint store directory for its newest valid one; a
+    sharded one comes back already loaded, its model gathered whole (_with_full_model)."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         if not fs.isdir(path):
@@ -95,16 +96,14 @@ def _read(url: str, storage_options: dict | None) -> tuple[bytes, str, str | Non
     return data, f"{info.url}/state.pt", "runner checkpoint"
 
 
-def _with_full_model(store: CheckpointStore, info, data: bytes) -> bytes:
-    """A sharded checkpoint's state.pt with its model state_dict put back whole (read from the shards with no
-    process group, on any world size), as an unsharded checkpoint holds it."""
+def _with_full_model(store: CheckpointStore, info, data: bytes) -> dict:
+    """A sharded checkpoint's state.pt, loaded, with its model state_dict put back whole (read from the shards with
+    no process group, on any world size), as an unsharded checkpoint holds it."""
     from runner.store import sharded
 
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     state["model"] = sharded.read_full(store, info, "model")
-    out = io.BytesIO()
-    torch.save(state, out)
-    return out.getvalue()
+    return state
 
 
 def _unsafe_types(data: bytes, err: Exception) -> tuple[str, list[str]]:
@@ -167,8 +166,11 @@ def _state_dict_of(obj: object, url: str, kind: str | None) -> tuple[dict[str, t
                           f"checkpoint dict keeping one under {', '.join(WEIGHT_KEYS)}; save model.state_dict()")
 
 
-def _decode(data: bytes, path: str, url: str, trust_pickle: bool, kind: str | None) -> tuple[dict, str, object]:
+def _decode(data: bytes | dict, path: str, url: str, trust_pickle: bool, kind: str | None
+            ) -> tuple[dict, str, object]:
     """(weights, format name, what torch.load returned: None for safetensors)."""
+    if isinstance(data, dict):  # a sharded runner checkpoint, loaded by _read
+        return (*_state_dict_of(data, url, kind), data)
     # safetensors: 8-byte header length, then a JSON header; torch.save files are zips ("PK")
     if path.endswith(".safetensors") or (data[8:9] == b"{" and not data.startswith(b"PK")):
         try:

@@ -170,7 +170,21 @@ class _HashingFileSystem(_FsspecFileSystem):
                                                           "sha256": stream.writer.sha.hexdigest()}
 
 
-class HashingFsspecWriter(FsspecWriter):
+class _OneAttempt:
+    """For the writer and the reader: bound to the one directory and metadata file (`metadata_name`) they were
+    made for. Their metadata path is also what DCP's prepare_local_plan checks when writing: an attempt id used
+    twice is refused, not overwritten."""
+
+    def reset(self, checkpoint_id=None) -> None:
+        if checkpoint_id:
+            raise CheckpointError(f"{type(self).__name__} works where it was made for; pass no checkpoint_id")
+        super().reset()
+
+    def _get_metadata_path(self, rank: int | None = None):
+        return self.fs.concat_path(self.path, self.metadata_name)
+
+
+class HashingFsspecWriter(_OneAttempt, FsspecWriter):
     """DCP's FsspecWriter with runner's naming and hashing: data files are `shard-<attempt>-<rank>-<i>.distcp`,
     the metadata is pickled straight to `dcp-<attempt>.metadata` (no .tmp + rename: on object stores that would
     be a copy and a delete), and `files` collects {name: {"size", "sha256"}} of the files this rank wrote.
@@ -187,15 +201,6 @@ class HashingFsspecWriter(FsspecWriter):
     @property
     def files(self) -> dict[str, dict]:
         return self.fs.files
-
-    def reset(self, checkpoint_id=None) -> None:
-        if checkpoint_id:
-            raise CheckpointError("HashingFsspecWriter writes where it was made for; pass no checkpoint_id")
-        super().reset()
-
-    def _get_metadata_path(self, rank: int | None = None):
-        # also what prepare_local_plan checks: an attempt id used twice is refused, not overwritten
-        return self.fs.concat_path(self.path, self.metadata_name)
 
     def prepare_global_plan(self, plans):
         # plans come in rank order; the prefix is what gives each rank its own file names
@@ -245,7 +250,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not allowed") from None
 
 
-class SafeFsspecReader(FsspecReader):
+class SafeFsspecReader(_OneAttempt, FsspecReader):
     """DCP's FsspecReader that reads the metadata file `metadata` (a name in its directory) through an
     allowlisting unpickler, after checking it against its manifest entry `expected` ({"size", "sha256"}) if
     given. A refusal is kept in `refusal` (a CorruptCheckpoint naming the file) and reported to DCP as missing
@@ -256,14 +261,6 @@ class SafeFsspecReader(FsspecReader):
         self.fs = _HashingFileSystem(fs)  # reads pass straight through
         self.metadata_name, self.expected, self.url = metadata, expected, url or path
         self.refusal: BaseException | None = None
-
-    def reset(self, checkpoint_id=None) -> None:
-        if checkpoint_id:
-            raise CheckpointError("SafeFsspecReader reads where it was made for; pass no checkpoint_id")
-        super().reset()
-
-    def _get_metadata_path(self, rank: int | None = None):
-        return self.fs.concat_path(self.path, self.metadata_name)
 
     def load_metadata(self) -> dcp_metadata.Metadata:
         """DCP's metadata, unpickled safely; raises CorruptCheckpoint (refused or damaged) or a storage error."""
