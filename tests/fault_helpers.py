@@ -10,14 +10,13 @@ import contextlib
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-from helpers import (assert_tensors_equal, launched, newest_state, proc_stat, runner_cmd, tagged, torchrun_cmd,
+from helpers import (assert_tensors_equal, dump_stacks, launched, newest_state, proc_stat, runner_cmd, torchrun_cmd,
                      write_job)
 
 LAUNCH_TIMEOUT = 240  # one launch, start to exit: a run takes 10-25 s here, mostly importing torch on 2 loaded cores
@@ -80,11 +79,7 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        for pid in tagged(proc.tag):
-            if pid != proc.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGABRT)
-        time.sleep(3)
+        dump_stacks(proc)
         raise AssertionError(f"still running after {timeout}s; stacks in {log}\n{text(log)[-6000:]}") from None
     return text(log)
 

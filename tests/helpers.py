@@ -120,25 +120,44 @@ def launched(cmd: list[str], log: Path, **env):
         kill_everything(proc)
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+RUN_TIMEOUT = 240  # under pytest-timeout's 300 s, so that a hang fails with its output and stacks, not pytest's
+
+
+def dump_stacks(proc: subprocess.Popen) -> None:
+    """SIGABRT every process of the launch: under PYTHONFAULTHANDLER each prints its threads' stacks first."""
+    for pid in tagged(proc.tag):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+    time.sleep(3)
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
         ) -> subprocess.CompletedProcess:
     """`cmd` to its end in child_env(**env), text output captured. Unlike subprocess.run, a timeout (or any
-    exception) kills everything `cmd` started, not only `cmd`: torchrun's workers would outlive a killed agent."""
-    with _popen(cmd, env or {}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    exception) kills everything `cmd` started, not only `cmd`: torchrun's workers would outlive a killed agent.
+    A timeout fails with the output so far and every process's stacks."""
+    env = {"PYTHONFAULTHANDLER": 1, **(env or {})}
+    with _popen(cmd, env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            dump_stacks(proc)
+            kill_everything(proc)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(map(str, cmd))} still running after {timeout}s\n"
+                                 f"stdout: {out[-4000:]}\nstderr (stacks): {err[-12000:]}") from None
         finally:
             kill_everything(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_cli(*args, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+def run_cli(*args, env: dict | None = None, timeout: float = RUN_TIMEOUT, cwd: Path | None = None
             ) -> subprocess.CompletedProcess:
     """`python -m runner ARGS` to its end; returns CompletedProcess with text output."""
     return run(runner_cmd(*args), env, timeout, cwd)
 
 
-def run_torchrun(*args, env: dict | None = None, timeout: float = 300, **torchrun) -> subprocess.CompletedProcess:
+def run_torchrun(*args, env: dict | None = None, timeout: float = RUN_TIMEOUT, **torchrun) -> subprocess.CompletedProcess:
     """`torchrun_cmd(*args, **torchrun)` to its end, one intra-op thread per rank; returns CompletedProcess with
     text output."""
     return run(torchrun_cmd(*args, **torchrun), {"OMP_NUM_THREADS": 1, **(env or {})}, timeout)
