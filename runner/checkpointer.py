@@ -199,10 +199,6 @@ class Checkpointer:
     def _check_compatible(self, found: Resume) -> list[drift.Change]:
         """Refuse changes to what trains (one line listing each) unless allowed; return the allowed ones."""
         cfg, env = self.cfg, self.env
-        if self.sharded and "sharded" not in found.manifest:
-            raise CheckpointError(f"{found.url} was written by one process (dist.strategy=ddp); resuming it with "
-                                  "dist.strategy=fsdp is not supported yet: resume with dist.strategy=ddp, or start a "
-                                  "new run in another checkpoint.dir")
         saved_cfg = found.manifest.get("config")
         if not isinstance(saved_cfg, dict):
             warn(f"{found.url} records no config, so changes to the job cannot be checked", env)

@@ -140,6 +140,32 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def load_whole_model(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
+    """Whole tensors (a DDP checkpoint, an init_from file) into `model`, sharded or not: under FSDP each rank keeps
+    its shard of every tensor, and holds the whole state only while this runs."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def load_whole_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.state_dict() of a whole model into `optimizer`, sharded or not. torch keys each parameter's state
+    by its position in the groups, DCP by the parameter's name: the same position in this optimizer names it."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {"state": {order[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def gradient_sync(model: torch.nn.Module, sync: bool):
     """A context in which backward reduces gradients over ranks only when `sync` (the accumulation group's last
     micro-batch): DDP's no_sync, FSDP2's requires_gradient_sync (no reduce-scatter before the last)."""

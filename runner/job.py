@@ -48,9 +48,6 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     model, phases, head = build_model_for(cfg, data)
     model.to(env.device)
     if cfg.dist.strategy == "fsdp":
-        if cfg.model.init_from and env.distributed:
-            raise ConfigError("model.init_from with dist.strategy=fsdp on several processes is not supported yet; "
-                              "start from it with dist.strategy=ddp (or in one process), then resume with fsdp")
         model = dist.shard(model, cfg.dist, env, cfg.train.precision)  # before the optimizer: it holds the shards
         if data.val is not None and len(data.val) < env.world_size:  # each rank's forwards are collectives
             raise ConfigError(f"data: the validation set has {len(data.val)} sample(s), fewer than the "

@@ -159,9 +159,9 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
     """
     try:
         if saved["model"] is not None:  # None: a sharded checkpoint, whose shards the caller loads
-            dist.unwrap(model).load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # the model or optimizer groups differ from the saved ones
+            dist.load_whole_model(model, saved["model"])  # also into an FSDP job: a DDP run continued sharded
+            dist.load_whole_optimizer(model, optimizer, saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:  # the model or optimizer groups differ from the saved ones
         raise CheckpointError(f"{source} does not fit this job's model or optimizer ({one_line(e)}); resume it with "
                               "the job that wrote it, or start a new run in another checkpoint.dir") from None
     if scheduler is not None and saved["scheduler"] is not None:

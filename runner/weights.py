@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from runner import dist
 from runner.drift import NOT_HYPERPARAMETERS
 from runner.errors import CheckpointError, one_line
 from runner.finetune import under
@@ -276,8 +277,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, sav
                               f"{type(optimizer).__name__} does not take: it was saved from another optimizer; set "
                               "optim.name to that one")
     try:
-        optimizer.load_state_dict(saved)
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        dist.load_whole_optimizer(model, optimizer, saved)
+    except (IndexError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{url}: its optimizer state does not load into this job's "
                               f"{type(optimizer).__name__} ({one_line(err)})") from None
 
@@ -358,7 +359,7 @@ def load_run(model: nn.Module, url: str, *, storage_options: dict | None = None,
             f"shape mismatch {_names(mismatched)} ({found}); replace the head (finetune.head), map the keys "
             "(model.init_prefix) or load what matches with model.strict: false")
     matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(matching, strict=False)
+    dist.load_whole_model(model, matching, strict=False)  # the checks above were strict's
     report = (f"loaded {len(matching)}/{len(own)} tensors from {url}; missing: {_names(missing)}; "
               f"unexpected: {_names(unexpected)}") + (f"; new head: {new_head}" if new_head else "")
     report += f"; skipped (shape): {_names(mismatched)}" if mismatched else ""
