@@ -6,7 +6,8 @@
 # 1. compare.py on one GPU: raw loop vs runner vs Lightning (if installed) on resnet18 with synthetic 224×224
 #    images, and the tiny MLP (where per-step overhead shows most);
 # 2. runner on 2 processes (DDP, NCCL) when there are 2 GPUs: the same resnet18 job, time per step;
-# 3. the checkpoint bench (staging copy, background write, step time during a write) on the GPU.
+# 3. dist.strategy fsdp on up to 2 GPUs: SIGTERM, resume, verify, export on the CPU;
+# 4. the checkpoint bench (staging copy, background write, step time during a write) on the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -36,5 +37,24 @@ YAML
     echo "runner resnet18, $n GPU(s), 2048 samples (batch 64 per GPU): $(python -c "print(f'{$(date +%s.%N) - $start:.1f}')") s"
   done
 fi
+# 3. dist.strategy fsdp (FSDP2, NCCL) on up to 2 GPUs: examples/gpt-fsdp.yaml in bf16 for 40 steps, every rank
+#    writing its shards; SIGTERM at step 25 (exit 75, step 25 committed), the same command resumes it to 40; the
+#    shards verify, and the model exports whole on the CPU.
+gpus=$(python -c 'import torch; print(min(2, torch.cuda.device_count()))')
+fsdp=$(mktemp -d)
+fsdp_train() {
+  python -m torch.distributed.run --standalone --nproc-per-node="$gpus" -m runner train examples/gpt-fsdp.yaml \
+    "out_dir=$fsdp/gpt" train.device=cuda train.precision=bf16 train.max_steps=40 scheduler.args.total_steps=40 \
+    checkpoint.every_steps=10 train.log_every_steps=10 "$@"
+}
+status=0
+RUNNER_TEST_SIGNAL_AT_STEP=24 fsdp_train || status=$?
+echo "fsdp on $gpus GPU(s), SIGTERM after step 24: exit $status (75 expected)"
+[ "$status" = 75 ] || checks=1
+fsdp_train | tee "$fsdp/resumed.log" | grep -E "resuming from|done:" || checks=1
+grep -q "0 step(s) lost" "$fsdp/resumed.log" || { echo "fsdp resume lost steps"; checks=1; }
+python -m runner ckpt verify "$fsdp/gpt/checkpoints" || checks=1
+CUDA_VISIBLE_DEVICES= python -m runner export examples/gpt-fsdp.yaml "$fsdp/model.safetensors" "out_dir=$fsdp/gpt" \
+  || checks=1
 RUNNER_BENCH_DEVICE=cuda python benchmarks/checkpoint_bench.py
 exit $checks

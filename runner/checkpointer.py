@@ -90,6 +90,7 @@ class Checkpointer:
         self._verified: bytes | None = None  # rank 0: the chosen checkpoint's bytes, read (and checked) once
         self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # host copies of the state, reused per save
         self.sharded = cfg.dist.strategy == "fsdp"  # every rank writes its shards (docs/design.md, "Sharded")
+        self.side_group = None  # sharded: the writer threads' own process group
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -284,54 +285,70 @@ class Checkpointer:
             if dist.any_rank([not weights_finite(job.model)], self.env)[0]:
                 self.raise_diverged(state, "non-finite weights")
             self.last_save_at = time.monotonic()
-            if self.env.is_main:
+            if self.env.is_main or self.sharded:
                 self.wait()  # one snapshot at a time: the staging buffers are free again
             if self.sharded:
-                self._save_sharded(job, state, emergency)
-                return
-            staged = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging)
-        if staged is None:
+                target, args = self._write_shards, self._stage_shards(job, state)
+            else:
+                target, args = self._write, (capture(job.model, job.optimizer, job.scheduler, job.scaler, state,
+                                                     self.env, self.staging),)
+        if args[0] is None:
             return
         # Serializing, hashing and writing happen there. A daemon thread, so a write hung on a dead server cannot
         # keep a preempted process alive.
-        self.writer = threading.Thread(target=self._write, args=(staged, self._meta(state), emergency, blocked.seconds),
+        self.writer = threading.Thread(target=target, args=(*args, self._meta(state), emergency, blocked.seconds),
                                        daemon=True)
         self.writer.start()
 
-    def _save_sharded(self, job: Job, state: TrainState, emergency: bool) -> None:
-        """dist.strategy fsdp, all ranks: each writes its shards of the model and optimizer state now
-        (torch.distributed.checkpoint, hashed as written), rank 0 also state.pt with the rest (scheduler, scaler,
-        every rank's RNG and sums, progress); once every rank's files are written, rank 0 commits the manifest
-        listing them all. Training waits for the write: every rank writes only its part, in parallel."""
+    def _stage_shards(self, job: Job, state: TrainState) -> tuple:
+        """dist.strategy fsdp, all ranks: a host copy of this rank's shards of the model and optimizer state (DCP's
+        state dicts alias the live parameters, which the next step changes), and on rank 0 the rest (scheduler,
+        scaler, every rank's RNG and sums, progress) for state.pt."""
         from .store import sharded
 
-        t0, step, env = time.perf_counter(), state.step, self.env
-        attempt = dist.broadcast(sharded.new_attempt(), env)
-        rest = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, env, self.staging, weights=False)
+        if self.side_group is None and self.env.distributed:  # made once, at the first save, by every rank
+            self.side_group = dist.side_group(self.env, self.cfg.dist.timeout_s)
+        attempt = dist.broadcast(sharded.new_attempt(), self.env)
+        rest = capture(job.model, job.optimizer, job.scheduler, job.scaler, state, self.env, self.staging,
+                       weights=False)
+        model_state, optimizer_state = get_state_dict(job.model, job.optimizer)
+        shards = self.staging.copy({"model": model_state, "optimizer": optimizer_state}, "shards")
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return shards, rest, attempt
+
+    def _write_shards(self, shards: dict, rest: dict | None, attempt: str, meta: dict, emergency: bool,
+                      blocked_s: float) -> None:
+        """Every rank's writer thread: its shards (torch.distributed.checkpoint, hashed as written), rank 0 also
+        state.pt; once every rank's files are written, rank 0 commits the manifest listing them all. The
+        collectives here use the side group: the training thread's own go on meanwhile."""
+        from .store import sharded
+
+        t0, step, env, group = time.perf_counter(), meta["step"], self.env, self.side_group
+        if not emergency:
+            yield_to_training()
         entries, problem = {}, None
         try:
-            model_state, optimizer_state = get_state_dict(job.model, job.optimizer)
-            entries = sharded.save_shards(self.store, step, attempt, {"model": model_state,
-                                                                      "optimizer": optimizer_state})
-            if env.is_main:
+            entries = sharded.save_shards(self.store, step, attempt, shards, group=group)
+            if rest is not None:
                 entries.update(sharded.write_file(self.store, step, attempt, "state.pt",
                                                   lambda out: serialize(rest, out)))
         except Exception as e:  # noqa: BLE001 — reported below on every rank; the previous checkpoint stays
             problem = f"rank {env.rank}: {one_line(e)}"
-        written = dist.gather((entries, problem), env)
+        written = dist.gather((entries, problem), env, group)
         self.write_ok, self.written_bytes = False, sum(e["size"] for files, _ in written for e in files.values())
         if env.is_main:
             problems = [p for _, p in written if p]
             self._commit_shards(step, attempt, {n: e for files, _ in written for n, e in files.items()}, problems,
-                                self._meta(state))
+                                meta)
             if not self.write_ok:
                 with contextlib.suppress(Exception):  # else the next start's cleanup removes them
                     sharded.discard_attempt(self.store, step, attempt)
-        self.write_ok = dist.broadcast(self.write_ok, env)
+        self.write_ok = dist.broadcast(self.write_ok, env, group)
         write_s = time.perf_counter() - t0
         if self.write_ok:
-            self.last_save_took_s = write_s
-        self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=write_s, write_s=write_s,
+            self.last_save_took_s = blocked_s + write_s
+        self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=blocked_s, write_s=write_s,
                          committed=self.write_ok, emergency=emergency)
 
     def _commit_shards(self, step: int, attempt: str, files: dict, problems: list[str], meta: dict) -> None:

@@ -221,12 +221,12 @@ def broadcast_buffers(model: torch.nn.Module, env: DistEnv) -> None:
             tdist.broadcast(buffer, src=0)
 
 
-def broadcast(obj, env: DistEnv):
-    """Rank 0's `obj` on every rank (plain Python objects)."""
+def broadcast(obj, env: DistEnv, group=None):
+    """Rank 0's `obj` on every rank (plain Python objects); `group`: another process group of all ranks."""
     if not env.distributed:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    tdist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -245,10 +245,18 @@ def from_rank0(fn, env: DistEnv):
     return result
 
 
-def gather(obj, env: DistEnv) -> list:
+def gather(obj, env: DistEnv, group=None) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if not env.distributed:
         return [obj]
     out = [None] * env.world_size
-    tdist.all_gather_object(out, obj)
+    tdist.all_gather_object(out, obj, group=group)
     return out
+
+
+def side_group(env: DistEnv, timeout_s: float):
+    """A second gloo group of all ranks, for collectives off the training thread (a background checkpoint write):
+    two threads must never share one group. Every rank calls this at the same point; None without torchrun."""
+    if not env.distributed:
+        return None
+    return tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

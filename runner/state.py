@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import dist
 from .dist import DistEnv
@@ -97,6 +98,9 @@ class Staging:
         return obj  # ints, floats, strings, None: immutable
 
     def _tensor(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        if isinstance(t, DTensor):  # a shard (FSDP2): copy this rank's part, keep its place in the global tensor
+            return DTensor.from_local(self._tensor(t.to_local(), key), t.device_mesh, t.placements, run_check=False,
+                                      shape=t.shape, stride=t.stride())
         buf = self.buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)

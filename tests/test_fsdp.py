@@ -215,3 +215,17 @@ def newest_full_model(ckpt_dir) -> dict:
     """The newest checkpoint's model state, whole, whichever strategy wrote it."""
     state, manifest = newest_state(ckpt_dir)
     return full_state(ckpt_dir)[0]["model"] if "sharded" in manifest else state["model"]
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_every_rank_writes_its_shards(tmp_path, corpus):
+    """A sharded save holds training only for the host copy of each rank's shards: with every commit held 3 s
+    (RUNNER_TEST_SLOW_COMMIT_S, between the shards and the manifest) the steps go on, and each save is committed;
+    the next save waits for the write before it."""
+    job = fsdp_job(tmp_path, "background", corpus, train={"max_steps": 12, "accumulate": 1})
+    ok(run_torchrun("train", job, env={"RUNNER_TEST_SLOW_COMMIT_S": "3"}))
+    events = [json.loads(line) for line in (tmp_path / "background" / "events.jsonl").read_text().splitlines()]
+    saves = [e for e in events if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saves] == [4, 8, 12] and all(e["committed"] for e in saves), saves
+    first = saves[0]  # the later ones wait for the write before them (4 steps take less than 3 s here)
+    assert first["write_s"] >= 3 and first["blocked_s"] < first["write_s"] / 2, first  # blocking: the whole write
