@@ -10,7 +10,9 @@ same local disk, best of 2:
 2. DCP's own dcp.save (FileSystemWriter) of the same state dict;
 3. today's DDP path: the full state gathered to rank 0 (get_state_dict with full_state_dict, cpu_offload) and
    written by rank 0 alone (CheckpointStore.commit of torch.save);
-4. runner's restore: a fresh sharded model and optimizer, load_shards + set_state_dict.
+4. runner's restore: a fresh sharded model and optimizer, load_shards + set_state_dict;
+5. DDP's question: the same model unsharded, its whole state on every rank, written by rank 0 alone (today's DDP
+   checkpoint) or spread over the ranks through the sharded format (DCP gives each replicated tensor to one rank).
 Per rank it records the peak RSS growth during the save and the restore (VmHWM after clearing it) as a multiple of
 the rank's own shard of the state. Writes benchmarks/results/sharded.json and prints a table; the README summarizes
 it. Absolute times depend on the shared machine: compare the columns of one run.
@@ -133,16 +135,49 @@ def worker(params_m: float, out: Path) -> None:
     def rank0_save():
         full_model, full_optimizer = get_state_dict(model, optimizer,
                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        n = next(step)  # on every rank: the ranks' step numbers must stay the same
         if rank == 0:
-            full_store.commit(next(step), {"state.pt": lambda f: torch.save(
+            full_store.commit(n, {"state.pt": lambda f: torch.save(
                 {"model": full_model, "optimizer": full_optimizer}, f)}, {})
         tdist.barrier()
 
+    # DDP: every rank holds the whole state. Today rank 0 writes it all; the sharded format could spread it, since
+    # DCP's planner gives each replicated tensor to one rank.
+    torch.manual_seed(0)
+    plain = GPT(vocab_size=256, context=64, layers=layers, heads=8, width=width)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(plain(x), x).backward()
+    plain_optimizer.step()
+    plain_model_state, plain_optimizer_state = get_state_dict(plain, plain_optimizer)
+    replicated = {"model": plain_model_state, "optimizer": plain_optimizer_state}
+    ddp_store = CheckpointStore(str(base / "ddp"))
+
+    def ddp_rank0_save():
+        n = next(step)
+        if rank == 0:
+            ddp_store.commit(n, {"state.pt": lambda f: torch.save(
+                {"model": plain.state_dict(), "optimizer": plain_optimizer.state_dict()}, f)}, {})
+        tdist.barrier()
+
+    def ddp_spread_save():
+        attempt = [sharded.new_attempt()]
+        tdist.broadcast_object_list(attempt, src=0)
+        n = next(step)
+        files = sharded.save_shards(ddp_store, n, attempt[0], replicated)
+        wrote["ddp_spread_bytes"] = sum(e["size"] for e in files.values())
+        gathered = [None] * world
+        tdist.all_gather_object(gathered, files)
+        if rank == 0:
+            sharded.commit_shards(ddp_store, n, attempt[0], {k: v for f in gathered for k, v in f.items()}, {})
+        tdist.barrier()
+
     results = {}
-    for name, fn in (("runner_sharded_save", runner_save), ("dcp_save", dcp_own_save), ("rank0_full_save", rank0_save)):
+    for name, fn in (("runner_sharded_save", runner_save), ("dcp_save", dcp_own_save), ("rank0_full_save", rank0_save),
+                     ("ddp_rank0_save", ddp_rank0_save), ("ddp_spread_save", ddp_spread_save)):
         tdist.barrier()
         results[name] = measure(fn)
     results["bytes_written_by_rank"] = wrote["bytes"]
+    results["ddp_spread_bytes_by_rank"] = wrote["ddp_spread_bytes"]
     newest = store.list()[-1]
     fresh_model, fresh_optimizer = build()
 
@@ -192,7 +227,9 @@ def main() -> None:
         row = {"ranks": n, "params": r0["params"], "state_mib": round(state_mib, 1),
                "max_shard_mib": round(max(r["shard_mib"] for r in ranks), 1),
                "max_bytes_written_by_one_rank_mib": round(max(r["bytes_written_by_rank"] for r in ranks) / 2**20, 1)}
-        for key in ("runner_sharded_save", "dcp_save", "rank0_full_save", "runner_restore"):
+        row["ddp_spread_max_bytes_by_one_rank_mib"] = round(max(r["ddp_spread_bytes_by_rank"] for r in ranks) / 2**20, 1)
+        for key in ("runner_sharded_save", "dcp_save", "rank0_full_save", "runner_restore", "ddp_rank0_save",
+                    "ddp_spread_save"):
             seconds = max(r[key][0] for r in ranks)  # the slowest rank sets the pace
             row[f"{key}_s"] = round(seconds, 3)
             row[f"{key}_mb_per_s"] = round(state_mib * 2**20 / 1e6 / seconds, 1)
@@ -208,6 +245,11 @@ def main() -> None:
               f"{cell('runner_sharded_save')} {cell('dcp_save')} {cell('rank0_full_save')} {cell('runner_restore')} | "
               f"{r['runner_sharded_save_peak_rss_x_shard']}, {r['rank0_full_save_peak_rss_x_shard']}, "
               f"{r['runner_restore_peak_rss_x_shard']}")
+    print(f"\nDDP (the whole state on every rank): {'ranks':>5} | {'rank 0 writes all':>18} "
+          f"{'spread over ranks':>18} | max MiB by one rank")
+    for r in rows:
+        print(f"{'':37}{r['ranks']:>5} | {r['ddp_rank0_save_s']:17.2f}s {r['ddp_spread_save_s']:17.2f}s | "
+              f"{r['ddp_spread_max_bytes_by_one_rank_mib']}")
     print(f"written to {RESULTS}")
 
 

@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from . import __version__, dist, drift, preemption
 from .config import RunConfig, manifest_config, to_dict
@@ -531,9 +532,15 @@ def load_shards(job: Job, store: CheckpointStore, info) -> None:
     from .store import sharded
 
     model_state, optimizer_state = get_state_dict(job.model, job.optimizer)
+    # get_state_dict gives every parameter an optimizer state (a zero step); the checkpoint has states only for
+    # those that had trained (finetune.phases freeze the others): load those, and only those become the state.
+    saved = {key.split(".", 2)[2] for key in sharded.tensor_shapes(store, info) if key.startswith("optimizer.state.")}
+    optimizer_state["state"] = {name: moments for name, moments in optimizer_state["state"].items()
+                                if any(f"{name}.{m}" in saved for m in moments)}
     target = {"model": model_state, "optimizer": optimizer_state}
     sharded.load_shards(store, info, target)
-    set_state_dict(job.model, job.optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"])
+    set_model_state_dict(job.model, target["model"])
+    set_optimizer_state_dict(job.model, job.optimizer, target["optimizer"], options=StateDictOptions(strict=False))
 
 
 def yield_to_training() -> None:

@@ -163,7 +163,8 @@ def load_whole_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimize
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     by_name = {"state": {order[i]: v for i, v in state["state"].items()},
                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    # not strict: parameters frozen so far (finetune.phases) have no state, as in the optimizer that saved it
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool):

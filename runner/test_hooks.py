@@ -9,7 +9,9 @@ RUNNER_TEST_COUNT_SYNCS=PATH            count runner's own host reads of tensors
                                           optimizer step; written to PATH.rank{RANK}.json at exit
 RUNNER_TEST_FAULT_ONCE=PATH              fire only if PATH does not exist yet, then create it
                                           (so a restarted job does not fail again)
-RUNNER_TEST_SLOW_COMMIT_S=SECONDS        in store/directory.py: pause between data files and manifest
+RUNNER_TEST_SLOW_COMMIT_S=SECONDS        pause between a checkpoint's data files and its manifest (store/directory.py;
+                                          for sharded checkpoints store/sharded.py commit_shards, on rank 0 once
+                                          every rank's shards are written: a kill then leaves shards, no manifest)
 RUNNER_TEST_SLOW_EVAL_S=SECONDS          pause before each evaluation batch (a long evaluation)
 RUNNER_TEST_DUMP_WEIGHTS=DIR             when training ends, every rank saves its model's state_dict to
                                           DIR/rank{RANK}.pt (only rank 0 writes checkpoints; the
