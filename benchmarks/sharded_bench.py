@@ -227,7 +227,8 @@ def main() -> None:
         row = {"ranks": n, "params": r0["params"], "state_mib": round(state_mib, 1),
                "max_shard_mib": round(max(r["shard_mib"] for r in ranks), 1),
                "max_bytes_written_by_one_rank_mib": round(max(r["bytes_written_by_rank"] for r in ranks) / 2**20, 1)}
-        row["ddp_spread_max_bytes_by_one_rank_mib"] = round(max(r["ddp_spread_bytes_by_rank"] for r in ranks) / 2**20, 1)
+        spread = max(r["ddp_spread_bytes_by_rank"] for r in ranks)
+        row["ddp_spread_max_bytes_by_one_rank_mib"] = round(spread / 2**20, 1)
         for key in ("runner_sharded_save", "dcp_save", "rank0_full_save", "runner_restore", "ddp_rank0_save",
                     "ddp_spread_save"):
             seconds = max(r[key][0] for r in ranks)  # the slowest rank sets the pace

@@ -165,7 +165,7 @@ def restore(saved: dict, model, optimizer, scheduler, scaler, env: DistEnv, sour
         if saved["model"] is not None:  # None: a sharded checkpoint, whose shards the caller loads
             dist.load_whole_model(model, saved["model"])  # also into an FSDP job: a DDP run continued sharded
             dist.load_whole_optimizer(model, optimizer, saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError, IndexError) as e:  # the model or optimizer groups differ from the saved ones
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:  # the model or optimizer groups differ
         raise CheckpointError(f"{source} does not fit this job's model or optimizer ({one_line(e)}); resume it with "
                               "the job that wrote it, or start a new run in another checkpoint.dir") from None
     if scheduler is not None and saved["scheduler"] is not None:

@@ -157,7 +157,8 @@ def run_cli(*args, env: dict | None = None, timeout: float = RUN_TIMEOUT, cwd: P
     return run(runner_cmd(*args), env, timeout, cwd)
 
 
-def run_torchrun(*args, env: dict | None = None, timeout: float = RUN_TIMEOUT, **torchrun) -> subprocess.CompletedProcess:
+def run_torchrun(*args, env: dict | None = None, timeout: float = RUN_TIMEOUT, **torchrun
+                 ) -> subprocess.CompletedProcess:
     """`torchrun_cmd(*args, **torchrun)` to its end, one intra-op thread per rank; returns CompletedProcess with
     text output."""
     return run(torchrun_cmd(*args, **torchrun), {"OMP_NUM_THREADS": 1, **(env or {})}, timeout)
