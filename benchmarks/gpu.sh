@@ -39,7 +39,7 @@ YAML
 fi
 # 3. dist.strategy fsdp (FSDP2, NCCL) on up to 2 GPUs: examples/gpt-fsdp.yaml in bf16 for 40 steps, every rank
 #    writing its shards; SIGTERM after step 24 (step 25 committed, exit 75), the same command resumes it to 40; the
-#    shards verify, and the model exports whole on the CPU.
+#    shards verify, and the model exports whole on the CPU; then 20 steps in fp16 (GradScaler over the shards).
 gpus=$(python -c 'import torch; print(min(2, torch.cuda.device_count()))')
 fsdp=$(mktemp -d)
 fsdp_train() {
@@ -54,5 +54,6 @@ grep -q "0 step(s) lost" "$fsdp/resumed.log" || { echo "fsdp resume lost steps";
 python -m runner ckpt verify "$fsdp/gpt/checkpoints" || checks=1
 CUDA_VISIBLE_DEVICES= python -m runner export examples/gpt-fsdp.yaml "$fsdp/model.safetensors" "out_dir=$fsdp/gpt" \
   || checks=1
+fsdp_train "out_dir=$fsdp/fp16" train.precision=fp16 train.max_steps=20 | grep -E "done:" || checks=1  # GradScaler
 RUNNER_BENCH_DEVICE=cuda python benchmarks/checkpoint_bench.py
 exit $checks

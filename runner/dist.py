@@ -107,15 +107,16 @@ def teardown() -> None:
 def shard(model: torch.nn.Module, cfg: DistConfig, env: DistEnv, precision: str) -> torch.nn.Module:
     """dist.strategy fsdp: FSDP2 on a 1-D mesh of all ranks (a CPU mesh under gloo, also where GPUs exist:
     pytorch/pytorch#132471): each block its own unit, then the root; its parameters become this rank's shards
-    (DTensors), so build the optimizer after this. bf16 computes in bf16 and reduces and keeps the master weights in
-    fp32. One process without torchrun trains the plain model (and still writes sharded checkpoints)."""
+    (DTensors), so build the optimizer after this. bf16 and fp16 compute in half precision and reduce and keep the
+    master weights in fp32. One process without torchrun trains the plain model (and still writes sharded
+    checkpoints)."""
     if not tdist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
     for block in fsdp_blocks(model, cfg.fsdp_blocks):
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)

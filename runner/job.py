@@ -55,11 +55,22 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
+    scaler = grad_scaler(cfg, env, model)
     loss_fn = build_loss(cfg.train.loss)
     step_fn = UserStep(user_step, cfg.train.step) if user_step else RunnerStep(loss_fn)
     return Job(cfg, env, data, model, step_fn, optimizer, build_scheduler(cfg.scheduler, optimizer), scaler, phases,
                head, accumulation(cfg, env.world_size))
+
+
+def grad_scaler(cfg: RunConfig, env: DistEnv, model: nn.Module) -> torch.amp.GradScaler:
+    """fp16's loss scaling. Sharded, each rank sees only its shards' gradients: ShardedGradScaler agrees over the
+    ranks on whether any was non-finite, so that all skip the same steps."""
+    enabled = cfg.train.precision == "fp16"
+    if dist.is_sharded(model):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(env.device.type, enabled=enabled)
+    return torch.amp.GradScaler(env.device.type, enabled=enabled)
 
 
 def accumulation(cfg: RunConfig, world_size: int) -> int:

@@ -174,6 +174,8 @@ def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, ba
     stopping and saving, a periodic save. PREEMPTED or MAX_STEPS end the epoch here."""
     cfg = job.cfg
     optimizer_step(job)
+    if dist.is_sharded(job.model):  # BatchNorm statistics drift per rank, and a sharded checkpoint keeps one
+        dist.broadcast_buffers(job.model, job.env)  # rank's copy: all take rank 0's, as DDP's forward does
     state.step += 1
     if job.scheduler is not None and cfg.scheduler.interval == "step":
         job.scheduler.step()

@@ -5,14 +5,17 @@ named and skipped."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
 import torch
 
-from helpers import (assert_tensors_equal, kill_everything, merge, newest_state, ok, run_cli, run_torchrun, start,
-                     torchrun_cmd, write_job)
+from fault_helpers import finish, last_step, wait_until
+from helpers import (assert_tensors_equal, kill_everything, launched, merge, newest_state, ok, run_cli, run_torchrun,
+                     start, torchrun_cmd, write_job)
 from runner.store import CheckpointStore
 
 CORPUS_BYTES = 24_000
@@ -229,3 +232,34 @@ def test_training_goes_on_while_every_rank_writes_its_shards(tmp_path, corpus):
     assert [e["step"] for e in saves] == [4, 8, 12] and all(e["committed"] for e in saves), saves
     first = saves[0]  # the later ones wait for the write before them (4 steps take less than 3 s here)
     assert first["write_s"] >= 3 and first["blocked_s"] < first["write_s"] / 2, first  # blocking: the whole write
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_agent_under_max_restarts_commits_every_ranks_part_and_does_not_restart(tmp_path, corpus,
+                                                                                                straight):
+    """A preempted VM signals the whole node: torchrun --max-restarts forwards SIGTERM to the workers, every rank
+    writes its part of the step reached, the launch ends without a restart, and the same command resumes with 0
+    steps lost to the uninterrupted weights."""
+    job, out_dir, log = fsdp_job(tmp_path, "preempted", corpus), tmp_path / "preempted", tmp_path / "first.log"
+    with launched(torchrun_cmd("train", job, max_restarts=3), log, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) as agent:
+        wait_until(lambda: last_step(out_dir) >= 9, "step 9", agent, log)
+        os.kill(agent.pid, signal.SIGTERM)
+        out = finish(agent, log)
+    committed = re.findall(r"preempted: step (\d+) committed", out)
+    assert len(committed) == 1 and out.count("fresh start") == 1 and "resuming from" not in out, out[-3000:]
+    assert re.search(rf"checkpoint step {committed[0]} committed \(\d+ files from 2 rank", out), out[-3000:]
+    second = ok(run_torchrun("train", job))
+    assert re.search(rf"resuming from .*step-0*{committed[0]}: .*; 0 step\(s\) lost", second), second[-3000:]
+    assert_same_run(out_dir, straight)
+
+
+@pytest.mark.slow
+def test_early_stopping_under_fsdp_stops_every_rank_at_the_same_epoch(tmp_path, corpus):
+    """train.early_stopping decides from the metrics reduced over the ranks: all stop after the same epoch, and the
+    stop is committed (a later start does not train on)."""
+    job = fsdp_job(tmp_path, "early", corpus, train={"max_epochs": 5, "early_stopping": {
+        "metric": "val_loss", "mode": "max", "patience": 2, "min_delta": 1.0e6}})  # never improves after the first
+    out = ok(run_torchrun("train", job))
+    assert out.count("— early stop") == 1 and "done: 66 steps, 3 epochs" in out, out[-3000:]
+    again = ok(run_torchrun("train", job))
+    assert "training already finished at step 66" in again and "early stop" not in again, again[-3000:]
