@@ -271,14 +271,16 @@ def ok(proc) -> str:
 
 
 # A user dataset by import path, next to the job file: runner's synthetic data (no scikit-learn import, so
-# each launch starts faster than with digits) with runner's random augmentation when `augment: true`, whose
-# training set appends every index it loads to RECORD_DIR/rank{RANK}-pid{PID}.txt (workers included).
+# each launch starts faster than with digits; `source: text` for runner's text data) with runner's random
+# augmentation when `augment: true`, whose training set appends every index it loads to
+# RECORD_DIR/rank{RANK}-pid{PID}.txt (workers included).
 RECORDER = '''
 import os
 
 from torch.utils.data import Dataset
 
-from runner.data import Augmented, synthetic
+import runner.data
+from runner.data import Augmented
 
 
 class Recorder(Dataset):
@@ -297,8 +299,8 @@ class Recorder(Dataset):
         return self.base[index]
 
 
-def build(augment=False, **args):
-    data = synthetic(**args)
+def build(source="synthetic", augment=False, **args):
+    data = getattr(runner.data, source)(**args)
     data.train = Recorder(Augmented(data.train) if augment else data.train)
     return data
 '''
@@ -308,3 +310,21 @@ def job_folder(folder: Path) -> Path:
     """`folder` with recording_data.py in it, so job files there can name `recording_data:build`."""
     (folder / "recording_data.py").write_text(RECORDER)
     return folder
+
+
+def consumed(record: Path, world_size: int) -> list[int]:
+    """The indices a launch of RECORDER data loaded, in the global order: the ranks' k-th samples dealt
+    round-robin."""
+    per_rank = [[int(v) for p in sorted(record.glob(f"rank{r}-*.txt")) for v in p.read_text().split()]
+                for r in range(world_size)]
+    assert len({len(p) for p in per_rank}) == 1, [len(p) for p in per_rank]
+    return [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(world_size)]
+
+
+def epoch_order(size: int, epoch: int) -> list[int]:
+    """The order an uninterrupted run (seed 0, shuffled) trains the `size` samples in, on any world size."""
+    from runner.data import ShardedSampler
+
+    sampler = ShardedSampler(size, 0, 1, seed=0, shuffle=True, pad=False)
+    sampler.set_epoch(epoch)
+    return sampler.order()

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from fault_helpers import text, wait_until
-from helpers import (free_port, job_folder, kill_everything, launched, newest_state, ok, run_cli, run_torchrun,
-                     torchrun_cmd, write_job)
-from runner.data import ShardedSampler
+from helpers import (consumed, epoch_order, free_port, job_folder, kill_everything, launched, newest_state, ok,
+                     run_cli, run_torchrun, torchrun_cmd, write_job)
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +32,6 @@ RECORDING = {
     "dist": {"timeout_s": 60},
 }
 STEPS_PER_EPOCH = SIZE // 96
-
-
-def consumed(record: Path, world_size: int) -> list[int]:
-    """The indices a launch loaded, in the global order: the ranks' k-th samples dealt round-robin."""
-    per_rank = [[int(v) for p in sorted(record.glob(f"rank{r}-*.txt")) for v in p.read_text().split()]
-                for r in range(world_size)]
-    assert len({len(p) for p in per_rank}) == 1, [len(p) for p in per_rank]
-    return [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(world_size)]
-
-
-def epoch_order(epoch: int) -> list[int]:
-    sampler = ShardedSampler(SIZE, 0, 1, seed=0, shuffle=True, pad=False)
-    sampler.set_epoch(epoch)
-    return sampler.order()
 
 
 def test_two_ranks_then_one_then_three_consume_every_sample_once_in_order(tmp_path):
@@ -73,7 +58,7 @@ def test_two_ranks_then_one_then_three_consume_every_sample_once_in_order(tmp_pa
     epochs = [launches[0] + launches[1][:half], launches[1][half:] + launches[2][:half], launches[2][half:]]
     assert [len(e) for e in epochs] == [SIZE, SIZE, SIZE]  # 384 is a multiple of 96: no padding anywhere
     for epoch, indices in enumerate(epochs):
-        assert indices == epoch_order(epoch), f"epoch {epoch + 1} is not the uninterrupted order"
+        assert indices == epoch_order(SIZE, epoch), f"epoch {epoch + 1} is not the uninterrupted order"
         assert sorted(indices) == list(range(SIZE))
 
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from fault_helpers import assert_store_sound, last_step, text, wait_until
-from helpers import assert_tensors_equal, kill_everything, merge, ok, run_torchrun, start, torchrun_cmd, write_job
-from runner.data import ShardedSampler
+from helpers import (assert_tensors_equal, consumed, epoch_order, job_folder, kill_everything, merge, ok, run_torchrun,
+                     start, torchrun_cmd, write_job)
 from runner.store import CheckpointStore, sharded
 from runner.store.manifest import MANIFEST, stored_object
 
@@ -51,44 +51,13 @@ TWO_RANKS = merge(COMMON, {
 # No dropout: its randomness is per rank, so it would differ on another world size.
 FOUR_RANKS = merge(COMMON, {
     "model": merge(GPT, {"args": {"dropout": 0.0}}),
-    "data": {"name": "recording_text:build", "batch_size": 2, "global_batch_size": 24, "num_workers": 0,
-             "args": {"context": CONTEXT}},
+    "data": {"name": "recording_data:build", "batch_size": 2, "global_batch_size": 24, "num_workers": 0,
+             "args": {"source": "text", "context": CONTEXT}},
     "scheduler": {"name": "CosineAnnealingLR", "interval": "step", "args": {"T_max": 30}},
     "train": {"max_epochs": 3},
     "checkpoint": {"every_steps": 3, "keep_last": 0},
 })
 STEPS_4 = 10  # optimizer steps per epoch of FOUR_RANKS, on any world size
-
-# runner's text data whose training set appends every index it loads to RECORD_DIR/rank{RANK}-pid{PID}.txt
-RECORDING_TEXT = '''
-import os
-
-from torch.utils.data import Dataset
-
-from runner.data import text
-
-
-class Recorder(Dataset):
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        folder = os.environ.get("RECORD_DIR")
-        if folder:
-            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}-pid{os.getpid()}.txt"), "a") as f:
-                f.write(f"{index}\\n")
-        return self.base[index]
-
-
-def build(**args):
-    data = text(**args)
-    data.train = Recorder(data.train)
-    return data
-'''
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -99,7 +68,7 @@ def corpus(tmp_path_factory):
 
 
 def job_file(folder: Path, name: str, base: dict, corpus: str, **changes) -> Path:
-    (folder / "recording_text.py").write_text(RECORDING_TEXT)
+    job_folder(folder)
     return write_job(folder, name, base=merge(base, {"data": {"args": {"path": corpus}}}), **changes)
 
 
@@ -205,20 +174,6 @@ def test_a_kill_while_the_ranks_write_a_checkpoint_resumes_from_the_previous_one
 
 # --- 3. 4 → 2 → 3 ranks -----------------------------------------------------------------------------------------
 
-def consumed(record: Path, world_size: int) -> list[int]:
-    """The indices a launch loaded, in the global order: the ranks' k-th samples dealt round-robin."""
-    per_rank = [[int(v) for p in sorted(record.glob(f"rank{r}-*.txt")) for v in p.read_text().split()]
-                for r in range(world_size)]
-    assert len({len(p) for p in per_rank}) == 1, [len(p) for p in per_rank]
-    return [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(world_size)]
-
-
-def epoch_order(epoch: int) -> list[int]:
-    sampler = ShardedSampler(TRAIN_SAMPLES, 0, 1, seed=0, shuffle=True, pad=False)
-    sampler.set_epoch(epoch)
-    return sampler.order()
-
-
 def history(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -246,7 +201,7 @@ def test_four_then_two_then_three_ranks_consume_every_sample_once_and_follow_the
     assert [len(x) for x in launches] == [96, 144 + 120, 120 + 240]
     epochs = [launches[0] + launches[1][:144], launches[1][144:] + launches[2][:120], launches[2][120:]]
     for epoch, indices in enumerate(epochs):
-        assert indices == epoch_order(epoch), f"epoch {epoch + 1} is not the uninterrupted order"
+        assert indices == epoch_order(TRAIN_SAMPLES, epoch), f"epoch {epoch + 1} is not the uninterrupted order"
         assert sorted(indices) == list(range(TRAIN_SAMPLES))
 
     want, got = history(straight4["out_dir"]), history(tmp_path / "job")
