@@ -113,17 +113,28 @@ def worker(params_m: float, out: Path) -> None:
     step = iter(range(1, 100))
     wrote = {}
 
-    def runner_save():
+    def save_through_sharded_format(target: CheckpointStore, state_dict: dict, key: str) -> None:
+        """runner's sharded save of `state_dict` from every rank; the bytes this rank wrote go to wrote[key]."""
         attempt = [sharded.new_attempt()]
         tdist.broadcast_object_list(attempt, src=0)
         n = next(step)
-        files = sharded.save_shards(store, n, attempt[0], state)
-        wrote["bytes"] = sum(e["size"] for e in files.values())
+        files = sharded.save_shards(target, n, attempt[0], state_dict)
+        wrote[key] = sum(e["size"] for e in files.values())
         gathered = [None] * world
         tdist.all_gather_object(gathered, files)
         if rank == 0:
-            sharded.commit_shards(store, n, attempt[0], {k: v for f in gathered for k, v in f.items()}, {})
+            sharded.commit_shards(target, n, attempt[0], {k: v for f in gathered for k, v in f.items()}, {})
         tdist.barrier()
+
+    def save_from_rank0(target: CheckpointStore, whole: dict) -> None:
+        """Rank 0 alone torch.saves `whole` (on rank 0: the whole state) as one state.pt."""
+        n = next(step)  # on every rank: the ranks' step numbers must stay the same
+        if rank == 0:
+            target.commit(n, {"state.pt": lambda f: torch.save(whole, f)}, {})
+        tdist.barrier()
+
+    def runner_save():
+        save_through_sharded_format(store, state, "bytes")
 
     def dcp_own_save():
         target = base / f"dcp-{next(step)}"
@@ -135,11 +146,7 @@ def worker(params_m: float, out: Path) -> None:
     def rank0_save():
         full_model, full_optimizer = get_state_dict(model, optimizer,
                                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        n = next(step)  # on every rank: the ranks' step numbers must stay the same
-        if rank == 0:
-            full_store.commit(n, {"state.pt": lambda f: torch.save(
-                {"model": full_model, "optimizer": full_optimizer}, f)}, {})
-        tdist.barrier()
+        save_from_rank0(full_store, {"model": full_model, "optimizer": full_optimizer})
 
     # DDP: every rank holds the whole state. Today rank 0 writes it all; the sharded format could spread it, since
     # DCP's planner gives each replicated tensor to one rank.
@@ -153,23 +160,10 @@ def worker(params_m: float, out: Path) -> None:
     ddp_store = CheckpointStore(str(base / "ddp"))
 
     def ddp_rank0_save():
-        n = next(step)
-        if rank == 0:
-            ddp_store.commit(n, {"state.pt": lambda f: torch.save(
-                {"model": plain.state_dict(), "optimizer": plain_optimizer.state_dict()}, f)}, {})
-        tdist.barrier()
+        save_from_rank0(ddp_store, {"model": plain.state_dict(), "optimizer": plain_optimizer.state_dict()})
 
     def ddp_spread_save():
-        attempt = [sharded.new_attempt()]
-        tdist.broadcast_object_list(attempt, src=0)
-        n = next(step)
-        files = sharded.save_shards(ddp_store, n, attempt[0], replicated)
-        wrote["ddp_spread_bytes"] = sum(e["size"] for e in files.values())
-        gathered = [None] * world
-        tdist.all_gather_object(gathered, files)
-        if rank == 0:
-            sharded.commit_shards(ddp_store, n, attempt[0], {k: v for f in gathered for k, v in f.items()}, {})
-        tdist.barrier()
+        save_through_sharded_format(ddp_store, replicated, "ddp_spread_bytes")
 
     results = {}
     for name, fn in (("runner_sharded_save", runner_save), ("dcp_save", dcp_own_save), ("rank0_full_save", rank0_save),
