@@ -104,6 +104,9 @@ def teardown() -> None:
         tdist.destroy_process_group()
 
 
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision → compute dtype; "32": none
+
+
 def shard(model: torch.nn.Module, cfg: DistConfig, env: DistEnv, precision: str) -> torch.nn.Module:
     """dist.strategy fsdp: FSDP2 on a 1-D mesh of all ranks (a CPU mesh under gloo, also where GPUs exist:
     pytorch/pytorch#132471): each block its own unit, then the root; its parameters become this rank's shards
@@ -115,7 +118,7 @@ def shard(model: torch.nn.Module, cfg: DistConfig, env: DistEnv, precision: str)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    half = HALF_PRECISION.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
     for block in fsdp_blocks(model, cfg.fsdp_blocks):
         fully_shard(block, mesh=mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)

@@ -220,7 +220,7 @@ def optimizer_step(job: Job) -> None:
 
 
 def autocast(job: Job):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.cfg.train.precision)
+    dtype = dist.HALF_PRECISION.get(job.cfg.train.precision)
     # building a disabled torch.autocast each step costs more than the step of a tiny model; a sharded model casts
     # by its MixedPrecisionPolicy (dist.shard)
     if dtype is None or dist.is_sharded(job.model):
