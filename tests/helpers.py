@@ -312,6 +312,14 @@ def job_folder(folder: Path) -> Path:
     return folder
 
 
+def text_corpus(folder: Path, size: int) -> str:
+    """A file of `size` random bytes from a 12-letter alphabet (seed 0), for the `text` dataset; its path."""
+    path = folder / "corpus.txt"
+    generator = torch.Generator().manual_seed(0)
+    path.write_bytes(bytes((torch.randint(0, 12, (size,), generator=generator) + 97).tolist()))
+    return str(path)
+
+
 def consumed(record: Path, world_size: int) -> list[int]:
     """The indices a launch of RECORDER data loaded, in the global order: the ranks' k-th samples dealt
     round-robin."""

@@ -15,7 +15,7 @@ import torch
 
 from fault_helpers import finish, last_step, wait_until
 from helpers import (assert_tensors_equal, kill_everything, launched, merge, newest_state, ok, run_cli, run_torchrun,
-                     start, torchrun_cmd, write_job)
+                     start, text_corpus, torchrun_cmd, write_job)
 from runner.store import CheckpointStore
 
 CORPUS_BYTES = 24_000
@@ -34,10 +34,7 @@ FSDP_JOB = {
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    generator = torch.Generator().manual_seed(0)
-    path.write_bytes(bytes((torch.randint(0, 12, (CORPUS_BYTES,), generator=generator) + 97).tolist()))
-    return str(path)
+    return text_corpus(tmp_path_factory.mktemp("corpus"), CORPUS_BYTES)
 
 
 def fsdp_job(tmp_path, name: str, corpus: str, **changes) -> object:

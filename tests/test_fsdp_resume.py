@@ -23,7 +23,7 @@ import torch
 
 from fault_helpers import assert_store_sound, last_step, text, wait_until
 from helpers import (assert_tensors_equal, consumed, epoch_order, job_folder, kill_everything, merge, ok, run_torchrun,
-                     start, torchrun_cmd, write_job)
+                     start, text_corpus, torchrun_cmd, write_job)
 from runner.store import CheckpointStore, sharded
 from runner.store.manifest import MANIFEST, stored_object
 
@@ -59,12 +59,10 @@ FOUR_RANKS = merge(COMMON, {
 })
 STEPS_4 = 10  # optimizer steps per epoch of FOUR_RANKS, on any world size
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    generator = torch.Generator().manual_seed(0)
-    path.write_bytes(bytes((torch.randint(0, 12, (CORPUS_BYTES,), generator=generator) + 97).tolist()))
-    return str(path)
+    return text_corpus(tmp_path_factory.mktemp("corpus"), CORPUS_BYTES)
 
 
 def job_file(folder: Path, name: str, base: dict, corpus: str, **changes) -> Path:
