@@ -106,6 +106,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass(frozen=True)
+class CompileConfig:
+    enabled: bool = False
+    """Compile the model with torch.compile; `train.compile: true` or a mapping of the keys below turns it on."""
+    mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
+    """torch.compile's mode; unset: its default."""
+    dynamic: Optional[bool] = False
+    """false (runner's default): one static graph per input shape, so a kernel depends on the shape alone and a
+    resumed run computes exactly what the uninterrupted one did; null: torch's automatic dynamic shapes."""
+    fullgraph: bool = False
+    """Fail on a graph break instead of running that part eagerly."""
+    options: dict = field(default_factory=dict)
+    """Backend options passed to torch.compile (e.g. max_autotune, epilogue_fusion)."""
+    cache: bool = True
+    """Keep the compiler's cache beside the checkpoints (<checkpoint.dir>/compile-cache), so a restart on a new
+    machine does not compile from nothing. It holds compiled code: trust the store as you trust your code."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_epochs: int = 10
     """Epochs to train."""
@@ -134,6 +152,14 @@ class TrainConfig:
     """On CUDA: deterministic algorithms and cuDNN/cuBLAS settings, which bit-exact resume needs (some ops slower)."""
     log_every_steps: int = 20
     """Read the running loss every N optimizer steps (a host sync): progress bar and divergence check."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """torch.compile the model (false, true, or {mode, dynamic, fullgraph, options, cache})."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (blocks as dist.fsdp_blocks picks
+    them): less memory, about one more forward of compute; the same numbers."""
+    channels_last: bool = False
+    """Convolutional models: parameters and 4-D inputs in channels-last memory format (faster convolutions on
+    GPUs with tensor cores); changes float rounding, not the math."""
 
 
 @dataclass(frozen=True)
@@ -411,6 +437,9 @@ def convert(hint, value, source, key: str):
     if value is None:
         raise ConfigError(f"{source}: '{key}' must not be empty")
     if dataclasses.is_dataclass(hint):
+        if "enabled" in {f.name for f in dataclasses.fields(hint)}:  # `key: true|false`, or a mapping: on
+            value = {"enabled": value} if isinstance(value, bool) else (
+                {"enabled": True, **value} if isinstance(value, dict) else value)
         return build(hint, value, source, key + ".")
     if origin is Literal:
         if value is False and "off" in args:  # YAML 1.1 reads an unquoted `off` as false

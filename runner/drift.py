@@ -49,6 +49,11 @@ CATEGORIES = {
     "train.log_every_steps": Category.FREE,
     "train.deterministic": Category.FREE,
     "train.device": Category.FREE,
+    "train.compile": Category.FREE,  # float rounding, like the device: docs/design.md, "Compiled training"
+    "train.activation_checkpointing": Category.FREE,  # recomputes the same activations
+    "train.channels_last": Category.FREE,  # float rounding
+    "optim.args.fused": Category.FREE,  # implementations of the same update
+    "optim.args.foreach": Category.FREE,
     "dist": Category.FREE,
     "preemption": Category.FREE,
     "checkpoint": Category.FREE,
