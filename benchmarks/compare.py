@@ -1,6 +1,7 @@
 """Side by side: a hand-written loop, runner and PyTorch Lightning train the same model on the same data.
 
-    .venv/bin/python benchmarks/compare.py [--repeats 3] [--workloads mlp,cnn] [--device cpu]   (`make bench`)
+    .venv/bin/python benchmarks/compare.py [--repeats 3] [--workloads mlp,cnn] [--device cpu] [--no-compiled]
+                                                                                                    (`make bench`)
 
 One process, one intra-op thread, rounds interleaved (raw, runner, lightning, raw, …) so that a shared
 machine's drift hits all three alike; the best of N rounds counts. No validation, no checkpoints. Lightning
@@ -9,7 +10,9 @@ comes from the `bench` extra (`pip install -e '.[bench]'`); without it its colum
 Three times per run: `total` from nothing built to trained (data, model, optimizer, loop, teardown), `steps`
 from the first training forward to the last (a forward pre-hook on the shared model), which leaves out each
 framework's fixed start-up cost, and the median time between two forwards (one step), which a passing
-disturbance of this shared machine does not move. Writes benchmarks/results/compare.json. On Linux it runs with fixed glibc
+disturbance of this shared machine does not move. The compiled columns (torch.compile, static shapes, one
+inductor cache for the whole benchmark) compare with the raw compiled loop, per step: their `total` includes
+compiling. Writes benchmarks/results/compare.json. On Linux it runs with fixed glibc
 malloc thresholds (MALLOC_TUNABLES; set GLIBC_TUNABLES yourself to override), so that page faults from the
 allocator's moving mmap threshold do not decide the ratios.
 """
@@ -86,6 +89,7 @@ DEFAULT_WORKLOADS = "mlp,cnn"
 FORWARDS: list[float] = []  # perf_counter() at each training forward of the model being timed
 
 
+@torch.compiler.disable  # a compiled model runs the hook eagerly, before its graph
 def record_forward(module: nn.Module, _inputs) -> None:
     if module.training:
         FORWARDS.append(time.perf_counter())
@@ -114,9 +118,11 @@ def build_data(workload: str) -> Datasets:
     return Datasets(data.train, None, 10, w.shape)
 
 
-def raw_loop(workload: str, device: torch.device) -> None:
+def raw_loop(workload: str, device: torch.device, compiled: bool = False) -> None:
     w = WORKLOADS[workload]
     model = build_model(workload).to(device)
+    if compiled:
+        model.compile(dynamic=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     loader = DataLoader(build_data(workload).train, batch_size=w.batch, shuffle=True)
     loss_fn = nn.CrossEntropyLoss()
@@ -129,7 +135,7 @@ def raw_loop(workload: str, device: torch.device) -> None:
             optimizer.step()
 
 
-def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "off") -> None:
+def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "off", compiled: bool = False) -> None:
     """runner's public entry point on a job file, as `runner train job.yaml` runs it. `notice`: "aws" polls a
     fake metadata server on 127.0.0.1 (RUNNER_METADATA_URL) every 0.2 s, to measure the watcher's cost."""
     w = WORKLOADS[workload]
@@ -138,7 +144,8 @@ def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "o
         "model": {"name": f"{__name__}:build_model", "args": {"workload": workload}},
         "data": {"name": f"{__name__}:build_data", "args": {"workload": workload}, "batch_size": w.batch},
         "optim": {"name": "AdamW", "lr": LR},
-        "train": {"max_epochs": w.epochs, "progress": "plain", "seed": SEED, "device": device.type},
+        "train": {"max_epochs": w.epochs, "progress": "plain", "seed": SEED, "device": device.type,
+                  "compile": compiled},
         "checkpoint": {"every_epoch": False, "at_end": False},
         "preemption": {"notice": notice, "notice_poll_s": 0.2},
         "out_dir": str(tmp / "out"),
@@ -149,7 +156,7 @@ def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "o
         raise SystemExit(f"runner exited with status {status} on {workload}")
 
 
-def lightning_loop(workload: str, device: torch.device) -> None:
+def lightning_loop(workload: str, device: torch.device, compiled: bool = False) -> None:
     import lightning as L
 
     w = WORKLOADS[workload]
@@ -158,6 +165,8 @@ def lightning_loop(workload: str, device: torch.device) -> None:
         def __init__(self):
             super().__init__()
             self.model = build_model(workload)
+            if compiled:
+                self.model.compile(dynamic=False)
 
         def training_step(self, batch, _index):
             x, y = batch
@@ -229,7 +238,8 @@ def fake_metadata():
         server.shutdown()
 
 
-def compare(workload: str, repeats: int, device: torch.device, with_lightning: bool, tmp: Path) -> dict:
+def compare(workload: str, repeats: int, device: torch.device, with_lightning: bool, tmp: Path,
+            compiled: bool) -> dict:
     w = WORKLOADS[workload]
     loops = {"raw": lambda: raw_loop(workload, device),
              "runner": lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)))}
@@ -237,9 +247,15 @@ def compare(workload: str, repeats: int, device: torch.device, with_lightning: b
         loops["runner+notice"] = lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)), "aws")
     if with_lightning:
         loops["lightning"] = lambda: lightning_loop(workload, device)
+    if compiled:
+        loops["raw compiled"] = lambda: raw_loop(workload, device, compiled=True)
+        loops["runner compiled"] = lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)), compiled=True)
+        if with_lightning:
+            loops["lightning compiled"] = lambda: lightning_loop(workload, device, compiled=True)
     runs: dict[str, list[dict]] = {name: [] for name in loops}
     for _ in range(repeats):
         for name, loop in loops.items():
+            torch._dynamo.reset()  # each loop compiles its own model, as a process of its own would
             runs[name].append(timed(loop, device))
     for name, rs in runs.items():
         if any(r["forwards"] != w.steps for r in rs):
@@ -247,9 +263,10 @@ def compare(workload: str, repeats: int, device: torch.device, with_lightning: b
     best = {name: {key: min(r[key] for r in rs) for key in ("total_s", "steps_s", "median_step_s")}
             for name, rs in runs.items()}
     for name, b in best.items():
-        b["total_ratio"] = b["total_s"] / best["raw"]["total_s"]
-        b["steps_ratio"] = b["steps_s"] / best["raw"]["steps_s"]
-        b["median_step_ratio"] = b["median_step_s"] / best["raw"]["median_step_s"]
+        raw = best["raw compiled" if name.endswith(" compiled") else "raw"]  # compiled against compiled
+        b["total_ratio"] = b["total_s"] / raw["total_s"]
+        b["steps_ratio"] = b["steps_s"] / raw["steps_s"]
+        b["median_step_ratio"] = b["median_step_s"] / raw["median_step_s"]
         b["ms_per_step"] = 1000 * b["steps_s"] / (w.steps - 1)
     return {"workload": w.name, "steps": w.steps, "batch": w.batch, "epochs": w.epochs,
             "results": {name: {k: round(v, 6) for k, v in b.items()} for name, b in best.items()}}
@@ -279,11 +296,11 @@ def seeding_cost(repeats: int = 15) -> dict:
 
 
 def print_table(results: list[dict], seeding: dict) -> None:
-    print(f"\n{'workload':<20} {'loop':<13} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8} "
+    print(f"\n{'workload':<20} {'loop':<18} {'total s':>8} {'× raw':>6} {'steps s':>8} {'× raw':>6} {'ms/step':>8} "
           f"{'median ms':>9} {'× raw':>6}")
     for r in results:
         for name, b in r["results"].items():
-            print(f"{r['workload']:<20} {name:<13} {b['total_s']:>8.3f} {b['total_ratio']:>6.2f} "
+            print(f"{r['workload']:<20} {name:<18} {b['total_s']:>8.3f} {b['total_ratio']:>6.2f} "
                   f"{b['steps_s']:>8.3f} {b['steps_ratio']:>6.2f} {b['ms_per_step']:>8.3f} "
                   f"{1000 * b['median_step_s']:>9.3f} {b['median_step_ratio']:>6.2f}")
     print("\nrunner beyond the raw loop (checkpoints off):\n  - " + "\n  - ".join(RUNNER_EXTRAS))
@@ -308,12 +325,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best counts (default 3)")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated: {', '.join(WORKLOADS)}")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false", help="skip the torch.compile columns")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
     with_lightning = lightning_available()
     with tempfile.TemporaryDirectory() as tmp, fake_metadata():
-        results = [compare(name, args.repeats, device, with_lightning, Path(tmp))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # one cache: every loop finds kernels
+        results = [compare(name, args.repeats, device, with_lightning, Path(tmp), args.compiled)
                    for name in args.workloads.split(",")]
     seeding = seeding_cost()
     print_table(results, seeding)

@@ -3,7 +3,7 @@
 One JSON object per line, each written with a single os.write on an O_APPEND descriptor, so a killed launch
 leaves at most a torn last line; readers skip it (and any other line that does not parse). Every record has
 `event`, `time` (wall clock), `launch` (one id per process start of rank 0) and `run_id` (the checkpoint
-lineage, null until known) and this launch's cumulative productive_s, stall_s and eval_s (Timers), so the
+lineage, null until known) and this launch's cumulative productive_s, stall_s, eval_s and compile_s (Timers), so the
 report's categories end exactly where a killed launch's last record does (README, "What a run did").
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .console import warn
 
 EVENTS = "events.jsonl"
 HEARTBEAT_S = 60.0  # the most a launch goes without a record: a kill loses at most this much from the report
-COUNTED = ("productive", "stall", "eval")  # what the records carry; "other" is the rest
+COUNTED = ("productive", "stall", "eval", "compile")  # what the records carry; "other" is the rest
 
 
 @dataclass
@@ -36,8 +36,9 @@ class Timers:
 
     Starts in "other" (start-up: building the job, then restoring a checkpoint or starting fresh; the report
     calls it startup); the first optimizer step switches to "productive" (EventLog.after_step); the loop wraps
-    evaluation in during("eval") and the blocking part of a save in during("stall"). A lock, because the
-    checkpoint writer thread reads the counters for its record.
+    evaluation in during("eval") and the blocking part of a save in during("stall"); torch.compile's work is
+    "compile" whenever it runs (compiler.CompileClock). A lock, because the checkpoint writer thread reads the
+    counters for its record.
     """
 
     def __init__(self) -> None:
@@ -65,7 +66,7 @@ class Timers:
             span.seconds = self.since - start
 
     def counters(self) -> dict[str, float]:
-        """Cumulative productive_s, stall_s, eval_s up to now (the current activity included)."""
+        """Cumulative productive_s, stall_s, eval_s, compile_s up to now (the current activity included)."""
         with self.lock:
             totals = dict(self.totals)
             totals[self.activity] += time.perf_counter() - self.since

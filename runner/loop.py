@@ -17,6 +17,7 @@ import torch
 
 from . import __version__, dist, finetune, preemption
 from .checkpointer import Checkpointer
+from .compiler import CompileCache, CompileClock, compile_model
 from .config import RunConfig, dump_yaml
 from .console import ProgressBar, format_epoch, log
 from .data import MicroBatch, SeededDataset, ShardedSampler, make_loader, micro_batches, to_device
@@ -35,14 +36,16 @@ EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempt
 @dataclass
 class Launch:
     """What this process start keeps besides the training state: the last-step record (steps lost at the next
-    start), the event log (runner report), the TensorBoard writer, the cloud-notice watcher and the agreement on
-    stopping and saving."""
+    start), the event log (runner report), the TensorBoard writer, the cloud-notice watcher, the agreement on
+    stopping and saving, and with train.compile the compiler's clock and cache."""
     steps: StepRecord
     events: EventLog
     tensorboard: TensorBoard
     notices: preemption.NoticeStop | None = None
     agreement: preemption.StopAgreement | None = None
     ckpt: Checkpointer | None = None
+    compile_clock: CompileClock | None = None
+    compile_cache: CompileCache | None = None
 
 
 def train(cfg: RunConfig) -> int:
@@ -64,6 +67,9 @@ def train(cfg: RunConfig) -> int:
     try:
         job = build_job(cfg, env)
         ckpt = launch.ckpt = Checkpointer(cfg, env, launch.events)
+        if cfg.train.compile.enabled:
+            launch.compile_clock = CompileClock(launch.events)
+            launch.compile_cache = CompileCache(cfg, env, ckpt.store, launch.events, launch.compile_clock)
         status = run(job, ckpt, launch)
         return status
     except RunnerError as e:
@@ -72,6 +78,9 @@ def train(cfg: RunConfig) -> int:
     finally:
         if ckpt is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
             ckpt.close(cfg.preemption.grace_s)
+        if launch.compile_cache is not None:
+            launch.compile_cache.wait(cfg.preemption.grace_s)
+            launch.compile_clock.close()
         launch.steps.close()
         launch.tensorboard.close()
         launch.events.timers.switch("other")
@@ -91,6 +100,8 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
             "checkpoint.dir", env)
         return 0
     announce(job)
+    if launch.compile_cache is not None:
+        launch.compile_cache.restore()  # before the first compiled step
     launch.tensorboard.open(state.step)
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
@@ -105,7 +116,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         outcome = train_epoch(job, ckpt, launch, loader, state)
         if outcome != PREEMPTED:
             if cfg.data.num_workers and job.data.val is not None:
-                ckpt.before_fork()  # the validation loader forks its workers too
+                before_fork(ckpt, launch)  # the validation loader forks its workers too
             outcome = end_epoch(job, state, launch, outcome)
         if outcome == PREEMPTED:
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
@@ -121,6 +132,8 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         if state.finished:
             break
     launch.events.timers.switch("other")
+    if launch.compile_cache is not None:
+        launch.compile_cache.save_if_grown()  # the last epoch's evaluation may have compiled
     status = ckpt.finish(state)
     dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
     dump_weights(job.model, env)
@@ -138,7 +151,7 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
     if reached_max_steps(cfg, state) and len(loader):  # stopped on the max_steps step, before end_epoch ran
         return MAX_STEPS
     if cfg.data.num_workers:
-        ckpt.before_fork()
+        before_fork(ckpt, launch)
     with progress_bar(cfg, env, state, len(loader)) as bar:
         for micro in micro_batches(loader, job.accumulate, cfg.data.batch_size):
             if micro.first and launch.agreement.stop_agreed(settle=True):
@@ -181,6 +194,8 @@ def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, ba
         job.scheduler.step()
     launch.steps.write(state.step)
     launch.events.after_step(state.step)
+    if launch.compile_cache is not None:
+        launch.compile_cache.save_if_grown()
     inject_fault(state.step, job.env)
     if state.step % cfg.train.log_every_steps == 0:
         loss = running_loss(job, ckpt, state)
@@ -349,9 +364,18 @@ def enter_phase(job: Job, index: int) -> None:
         finetune.apply_lr_mults(job.optimizer, job.scheduler, job.phases, index)
         # DDP registers only parameters that require grad when it is built: rebuild so unfrozen ones sync.
         job.wrapped, job.phase = dist.wrap(job.model, job.env), index
+        if job.cfg.train.compile.enabled:
+            compile_model(job.model, job.wrapped, job.cfg)
         if index >= 0:
             log(f"phase {index + 1}/{len(job.phases)}: training {', '.join(job.phases[index].train)}", job.env)
     finetune.set_train_mode(job.model, job.phases, index, head, job.cfg.finetune.freeze_bn)
+
+
+def before_fork(ckpt: Checkpointer, launch: Launch) -> None:
+    """Writer threads finish before DataLoader workers fork (Checkpointer.before_fork says why)."""
+    ckpt.before_fork()
+    if launch.compile_cache is not None:
+        launch.compile_cache.wait()
 
 
 def progress_bar(cfg: RunConfig, env: DistEnv, state: TrainState, batches: int) -> ProgressBar:

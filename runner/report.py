@@ -4,11 +4,12 @@ A launch is one process start of rank 0 (a torchrun restart is a new launch). On
 counts: the run id of the newest launch that knows one. A launch that exited without learning a run id was
 refused (the lease, config drift, a bad config) and trained nothing: it is listed apart, never counted. Per
 launch, by construction,
-    wall = startup + productive + recompute + stall + eval + other
+    wall = startup + productive + recompute + stall + eval + compile + other
 and the run's elapsed time is the sum of walls and gaps. The categories are defined in the README,
 "What a run did".
 
-startup is the launch's start record to the end of its first optimizer step, whatever the launch did there. What
+startup is the launch's start record to the end of its first optimizer step, whatever the launch did there, less
+the compiler's time in it (compile is its own part, before the first step and after). What
 it did is the launch's `start`: "resumed" (a `resume` record: the start-up restored a checkpoint), "fresh" (a
 `fresh` record: a new run, nothing restored; building the job, probing the store, loading `model.init_from` if
 set) or None (killed before it decided). `restore_s` names that same start-up for a launch that resumed and is
@@ -25,7 +26,8 @@ from pathlib import Path
 from .errors import ConfigError
 from .events import EVENTS, read_events
 
-SUMMED = ("gap_s", "wall_s", "startup_s", "productive_s", "recompute_s", "stall_s", "eval_s", "other_s")
+SUMMED = ("gap_s", "wall_s", "startup_s", "productive_s", "recompute_s", "stall_s", "eval_s", "compile_s",
+          "other_s")
 
 
 @dataclass
@@ -43,12 +45,13 @@ class LaunchReport:
     final_step: int | None
     gap_s: float
     wall_s: float
-    startup_s: float               # start to the end of the first optimizer step (every launch)
+    startup_s: float               # start to the end of the first optimizer step (every launch), less compile_s
     restore_s: float | None        # = startup_s for a launch that resumed; None otherwise (not a part of wall)
     productive_s: float
     recompute_s: float
     stall_s: float
     eval_s: float
+    compile_s: float               # torch.compile at work (train.compile), wherever it ran
     other_s: float
     effective_ratio: float         # productive ÷ (gap + wall)
 
@@ -166,6 +169,7 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
     counters = max(with_counters, key=lambda r: r["time"]) if with_counters else {}
     training = float(counters.get("productive_s", 0.0))  # from the first step's end: startup has the first step
     stall, evaluation = float(counters.get("stall_s", 0.0)), float(counters.get("eval_s", 0.0))
+    compiling = float(counters.get("compile_s", 0.0))
     resumed_from = resume["step"] if resume else None
     lost = int(resume.get("lost", 0)) if resume else 0
     recompute = 0.0
@@ -173,7 +177,8 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
         timed = final_step - first_step["step"]  # the steps whose time `training` holds
         redone = min(max(lost - (first_step["step"] - (resumed_from or 0)), 0), timed)
         recompute = training * redone / timed
-    startup = first_step["time"] - started if first_step else wall
+    startup = (first_step["time"] - started - float(first_step.get("compile_s", 0.0)) if first_step
+               else wall - compiling)
     gap = max(started - previous_end, 0.0) if previous_end is not None else 0.0  # clamped: clocks of two hosts
     productive = training - recompute
     return LaunchReport(
@@ -184,8 +189,8 @@ def launch_report(records: list[dict], previous_end: float | None) -> LaunchRepo
         gap_s=round(gap, 3), wall_s=round(wall, 3), startup_s=round(startup, 3),
         restore_s=round(startup, 3) if resume else None,
         productive_s=round(productive, 3), recompute_s=round(recompute, 3), stall_s=round(stall, 3),
-        eval_s=round(evaluation, 3),
-        other_s=round(wall - startup - training - stall - evaluation, 3),
+        eval_s=round(evaluation, 3), compile_s=round(compiling, 3),
+        other_s=round(wall - startup - training - stall - evaluation - compiling, 3),
         effective_ratio=ratio(productive, gap + wall))
 
 
@@ -220,7 +225,7 @@ def duration(seconds: float) -> str:
 
 
 COLUMNS = ("#", "started (UTC)", "world", "start", "steps", "lost", "outcome", "gap", "wall", "startup",
-           "productive", "recompute", "stall", "eval", "other", "ratio")
+           "productive", "recompute", "stall", "eval", "compile", "other", "ratio")
 
 
 def format_report(report: Report, out_dir: Path) -> str:
@@ -244,7 +249,7 @@ def format_report(report: Report, out_dir: Path) -> str:
                                                           if report.refused else ""))
     refused = [f"refused (trained nothing, not counted): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.started))}"
                f" on {r.host or '?'}, exit {r.status}" for r in report.refused]
-    foot = ("startup = start to the first step's end (restoring the checkpoint if resumed); "
+    foot = ("startup = start to the first step's end, compile aside (restoring the checkpoint if resumed); "
             "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\"")
     return "\n".join([head, *lines, *refused, foot])
 

@@ -11,7 +11,7 @@ from runner import events as events_module
 from runner.cli import main
 from runner.events import EventLog, Timers, read_events
 from runner.plot import marks
-from runner.report import build_report
+from runner.report import build_report, load_events
 from helpers import write_job
 
 T0 = 1_700_000_000.0
@@ -325,3 +325,21 @@ def test_final_step_is_the_lineages_last_trained_step(run_dir):
     with open(run_dir / "events.jsonl", "a") as f:
         f.write(record("start", 1700, "L4", None, world_size=1, restart=0))
     assert build_report(read_events(run_dir / "events.jsonl")).totals()["final_step"] == 300
+
+
+def test_compile_time_is_its_own_part_not_startup_or_productive(tmp_path):
+    """README, "What a run did": with train.compile the compiler's seconds (the records' compile_s, at the first
+    step and later) are the `compile` column; startup and productive keep only their own time."""
+    lines = [
+        record("start", 0, "C1", None, world_size=1),
+        record("fresh", 2, "C1", **counters(0, 0, 0), compile_s=0),
+        record("first_step", 40, "C1", step=1, **counters(0, 0, 0), compile_s=30.0),
+        record("epoch", 100, "C1", step=50, epoch=1, metrics={}, **counters(40, 0, 2), compile_s=48.0),
+        record("exit", 101, "C1", status=0, step=50, **counters(40, 0, 2), compile_s=48.0),
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(lines))
+    launch = build_report(load_events(tmp_path)).launches[0]
+    assert (launch.startup_s, launch.compile_s, launch.productive_s) == (10.0, 48.0, 40.0)
+    parts = (launch.startup_s + launch.productive_s + launch.recompute_s + launch.stall_s + launch.eval_s
+             + launch.compile_s + launch.other_s)
+    assert parts == pytest.approx(launch.wall_s) and launch.other_s == pytest.approx(1.0)

@@ -250,11 +250,11 @@ class CheckpointStore:
         return url
 
     @staticmethod
-    def _manifest(meta: dict, step: int, entries: dict) -> bytes:
-        manifest = {**meta, "step": step, "files": entries, "committed_at": time.time()}
+    def _manifest(meta: dict, step: int | None, entries: dict) -> bytes:
+        manifest = {**meta, **({} if step is None else {"step": step}), "files": entries, "committed_at": time.time()}
         return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
-    def _commit_local(self, name: str, step: int, files: dict[str, Payload], meta: dict) -> None:
+    def _commit_local(self, name: str, step: int | None, files: dict[str, Payload], meta: dict) -> None:
         # The temp dir is a sibling in the same directory, so os.replace is a same-filesystem rename.
         os.makedirs(self.root, exist_ok=True)
         tmp = self._path(f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}")
@@ -285,7 +285,7 @@ class CheckpointStore:
         if aside:
             self._delete(aside)
 
-    def _commit_object(self, name: str, step: int, files: dict[str, Payload], meta: dict) -> None:
+    def _commit_object(self, name: str, step: int | None, files: dict[str, Payload], meta: dict) -> None:
         base, nonce, entries = self._path(name), uuid.uuid4().hex[:12], {}
         for fname, payload in files.items():  # fresh names: the previous version of this step stays intact
             obj = fresh_object(fname, nonce)
@@ -385,7 +385,7 @@ class CheckpointStore:
                     files[rest] = entry["size"]
         return dirs
 
-    def _load_manifest(self, name: str, step: int) -> tuple[dict | None, str, str]:
+    def _load_manifest(self, name: str, step: int | None) -> tuple[dict | None, str, str]:
         try:
             blob = self.fs.cat_file(f"{self._path(name)}/{MANIFEST}")
         except FileNotFoundError:
@@ -490,6 +490,9 @@ class CheckpointStore:
         """The bytes of one file, checked against the manifest's size and sha256 (a single read). Raises
         CorruptCheckpoint if they do not match, StorageError / StorageUnavailable if storage fails."""
         dname, step = self._locate(info_or_url)
+        return self._read_verified(dname, step, name)[1]
+
+    def _read_verified(self, dname: str, step: int | None, name: str) -> tuple[dict, bytes]:
         url = f"{self._url(dname)}/{name}"
         with storage_errors("read", url):
             manifest, reason, _ = self._load_manifest(dname, step)
@@ -509,7 +512,28 @@ class CheckpointStore:
         if reason:
             raise CorruptCheckpoint(f"{url} is corrupt ({reason}); delete it or resume from an earlier checkpoint",
                                     reason)
-        return data
+        return manifest, data
+
+    # --- side directories: beside the checkpoints, never one of them -------------------------------------------
+
+    def commit_side(self, name: str, files: dict[str, Payload], meta: dict) -> str:
+        """Atomically write `<store>/<name>/` under a checkpoint's commit rule and manifest (no step): listing,
+        retention, resume and cleanup never take it for a checkpoint. Runner keeps its compile cache so."""
+        if STEP_RE.fullmatch(name) or name.startswith(".") or "/" in name:
+            raise ValueError(f"{name!r} is not a side directory name")
+        check_files(files)
+        with storage_errors("write", self._url(name)):
+            (self._commit_local if self.local else self._commit_object)(name, None, files, meta)
+        return self._url(name)
+
+    def read_side(self, name: str, fname: str) -> tuple[dict, bytes] | None:
+        """(manifest, bytes of `fname`) of side directory `name`, checked like a checkpoint's file; None when it
+        was never written. Raises CorruptCheckpoint when it does not match its manifest."""
+        with storage_errors("read", self._url(name)):
+            self.fs.invalidate_cache()
+            if not self.fs.exists(f"{self._path(name)}/{MANIFEST}"):
+                return None
+        return self._read_verified(name, None, fname)
 
     def prune(self, keep_last: int, keep_best: int = 0, metric: str | None = None, mode: str = "min", *,
               run_id: str | None = None) -> list[str]:

@@ -79,7 +79,7 @@ def _entry_problem(name: str, entry: object) -> str:
     return ""
 
 
-def parse_manifest(blob: bytes, step: int) -> tuple[dict | None, str, str]:
+def parse_manifest(blob: bytes, step: int | None) -> tuple[dict | None, str, str]:
     """The one gate for manifests: (manifest, problem, note). A manifest with a problem comes back as None, so
     no consumer ever sees a malformed one; `note` names a flaw that is tolerated (metrics ignored)."""
     try:
@@ -90,7 +90,7 @@ def parse_manifest(blob: bytes, step: int) -> tuple[dict | None, str, str]:
         return None, "manifest malformed: not a JSON object", ""
     if _too_deep(manifest):
         return None, f"manifest malformed: nested deeper than {_MAX_DEPTH} levels", ""
-    if "step" in manifest and (type(manifest["step"]) is not int or manifest["step"] != step):
+    if step is not None and "step" in manifest and (type(manifest["step"]) is not int or manifest["step"] != step):
         return None, f"manifest step {_short(manifest['step'])} != directory step {step}", ""
     files = manifest.get("files")
     if not isinstance(files, dict):
