@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runner.config import load_config  # noqa: E402
-from runner.data import RNG_SOURCES, Augmented, Datasets, SeededDataset, synthetic  # noqa: E402
+from runner.data import RNG_SOURCES, Augmented, Datasets, SeededDataset, TokenWindows, synthetic  # noqa: E402
 from runner.loop import train  # noqa: E402
-from runner.models import MLP, SmallCNN  # noqa: E402
+from runner.models import GPT, MLP, SmallCNN  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "compare.json"
 LR = 1e-3
@@ -83,6 +83,7 @@ WORKLOADS = {
     "cnn": Workload("small CNN 3x32x32", "cnn", (3, 32, 32), size=1024, epochs=2, batch=32),
     # for GPUs (benchmarks/gpu.sh); far too slow for the default CPU run
     "resnet18": Workload("resnet18 3x224x224", "resnet18", (3, 224, 224), size=1024, epochs=1, batch=64),
+    "gpt": Workload("gpt 6x384, 256 tokens", "gpt", (256,), size=1024, epochs=1, batch=32),  # nanoGPT's char model
 }
 DEFAULT_WORKLOADS = "mlp,cnn"
 
@@ -101,6 +102,8 @@ def build_model(workload: str, num_classes: int = 10) -> nn.Module:
     torch.manual_seed(SEED)
     if w.model == "mlp":
         model: nn.Module = MLP(in_features=w.shape[0], num_classes=num_classes, hidden=(256,))
+    elif w.model == "gpt":
+        model = GPT(vocab_size=256, context=w.shape[0])
     elif w.model == "resnet18":
         import torchvision
 
@@ -114,6 +117,9 @@ def build_model(workload: str, num_classes: int = 10) -> nn.Module:
 def build_data(workload: str) -> Datasets:
     """Training data only: no validation set, so runner evaluates nothing."""
     w = WORKLOADS[workload]
+    if w.model == "gpt":  # random bytes: the step's cost does not depend on what the text says
+        tokens = torch.randint(0, 256, (w.size * w.shape[0] + 1,), generator=torch.Generator().manual_seed(SEED))
+        return Datasets(TokenWindows(tokens, w.shape[0]), None, 256, w.shape)
     data = synthetic(shape=list(w.shape), num_classes=10, size=w.size, val_size=0, seed=SEED)
     return Datasets(data.train, None, 10, w.shape)
 

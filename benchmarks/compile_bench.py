@@ -1,6 +1,6 @@
 """Restart cost with train.compile: process start to the end of the first optimizer step of a resumed launch.
 
-    .venv/bin/python benchmarks/compile_bench.py [--repeats 2] [--workloads mlp,cnn]
+    .venv/bin/python benchmarks/compile_bench.py [--repeats 2] [--workloads mlp,cnn] [--device cpu]
 
 Per workload a seed run trains one epoch compiled (its checkpoint, its local compile cache, the cache on the store);
 then each round restarts from copies of it, interleaved so that a shared machine's drift hits all alike:
@@ -44,9 +44,12 @@ WORKLOADS = {
 KINDS = ("eager", "cold", "warm local", "new machine")
 
 
+DEVICE = "cpu"
+
+
 def write_job(folder: Path, workload: str, compiled: bool, max_steps: int | None = None) -> Path:
     job = {**WORKLOADS[workload], "optim": {"name": "AdamW", "lr": 1e-3},
-           "train": {"max_epochs": 1, "progress": "plain", "compile": compiled, **(
+           "train": {"max_epochs": 1, "progress": "plain", "compile": compiled, "device": DEVICE, **(
                {"max_steps": max_steps, "max_epochs": 2} if max_steps else {})},
            "out_dir": str(folder / "out"), "checkpoint": {"dir": str(folder / "ckpt")}}
     path = folder / "job.yaml"
@@ -82,7 +85,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workloads", default="mlp,cnn")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     results = {}
@@ -103,7 +109,8 @@ def main() -> None:
                       f"(compile {row['compile_s']:.2f} s)", flush=True)
     import torch
 
-    report = {"machine": cpu_name(), "cpus": os.cpu_count(),
+    machine = torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_name()
+    report = {"machine": machine, "cpus": os.cpu_count(), "device": DEVICE,
               "python": platform.python_version(), "torch": torch.__version__, "repeats": args.repeats,
               "threads": 1, "workloads": results}
     RESULTS.parent.mkdir(exist_ok=True)

@@ -3,8 +3,9 @@
 # build, no network). Prints the tables; writes benchmarks/results/*.json.
 #   bash benchmarks/gpu.sh
 # 0. benchmarks/gpu_check.py: fp16 and bf16 training, SIGTERM + resume bit-identical, the checkpoint loaded on the CPU;
-# 1. compare.py on one GPU: raw loop vs runner vs Lightning (if installed) on resnet18 with synthetic 224×224
-#    images, and the tiny MLP (where per-step overhead shows most);
+# 1. compare.py on one GPU: raw loop vs runner vs Lightning (if installed), eager and torch.compiled, on resnet18
+#    with synthetic 224×224 images, the built-in gpt (nanoGPT's char model) and the tiny MLP (where per-step
+#    overhead shows most); then the restart cost of a compiled job (benchmarks/compile_bench.py) on the GPU;
 # 2. runner on 2 processes (DDP, NCCL) when there are 2 GPUs: the same resnet18 job, time per step;
 # 3. dist.strategy fsdp on up to 2 GPUs: SIGTERM, resume, verify, export on the CPU;
 # 4. the checkpoint bench (staging copy, background write, step time during a write) on the GPU.
@@ -18,7 +19,8 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device
 PY
 checks=0
 python benchmarks/gpu_check.py || checks=$?  # the benchmarks still run: their tables help find out why
-python benchmarks/compare.py --device cuda --workloads resnet18,mlp --repeats 3
+python benchmarks/compare.py --device cuda --workloads resnet18,gpt,mlp --repeats 3
+python benchmarks/compile_bench.py --device cuda --repeats 2
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   job=$(mktemp -d)/resnet18.yaml
   cat > "$job" <<YAML

@@ -44,8 +44,6 @@ def compile_model(model: torch.nn.Module, wrapped: torch.nn.Module, cfg: RunConf
     is `model` itself: dynamo runs FSDP's hooks eagerly (torch._dynamo.config.skip_fsdp_hooks)."""
     c = cfg.train.compile
     options = {"mode": c.mode, "dynamic": c.dynamic, "fullgraph": c.fullgraph, "options": c.options or None}
-    if c.mode and c.options:  # torch.compile refuses both at once: say it in runner's words
-        raise RunnerError("train.compile: set either mode or options, not both (torch.compile takes one)")
     # Past dynamo's recompile limit (8 graphs per code object: shapes, train/eval, phases) it runs eagerly from then
     # on, at a point that depends on what this process saw before, which a resumed process may not: raised.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)

@@ -335,6 +335,8 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     if cfg.model.init_optimizer and not cfg.model.init_from:
         raise ConfigError(f"{source}: 'model.init_optimizer' continues the run saved in model.init_from, which is not "
                           "set; set model.init_from to that file, or drop model.init_optimizer")
+    if cfg.train.compile.mode and cfg.train.compile.options:
+        raise ConfigError(f"{source}: 'train.compile' sets both mode and options; torch.compile takes one of them")
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:
         raise ConfigError(f"{source}: 'checkpoint.keep_best' needs 'checkpoint.metric' (e.g. val_loss) to rank by")
     if cfg.out_dir and "://" in cfg.out_dir:

@@ -267,5 +267,7 @@ def test_train_compile_names_a_bad_key(tmp_path):
 
     with pytest.raises(ConfigError, match="train.compile.mode"):
         load_config(write_job(tmp_path, train={"compile": {"mode": "fastest"}}))
+    with pytest.raises(ConfigError, match="'train.compile' sets both mode and options"):
+        load_config(write_job(tmp_path, train={"compile": {"mode": "default", "options": {"max_autotune": True}}}))
     with pytest.raises(ConfigError, match="unknown key 'train.compile.modes'"):
         load_config(write_job(tmp_path, train={"compile": {"modes": "default"}}))

@@ -148,6 +148,20 @@ def test_dict_batches_train_and_the_step_metrics_are_sample_weighted_epoch_means
     assert epochs[-1]["val_loss"] != pytest.approx(sum(means) / len(means), rel=1e-6)  # the weighting shows
 
 
+@pytest.mark.slow
+def test_the_step_gets_the_compiled_model_under_train_compile(tmp_path, user_module):
+    """README, "Compiled training": train.step and train.compile together (dict batches through a compiled
+    module, evaluation too); the checkpoint holds the plain module's keys."""
+    job = job_file(tmp_path, train={"compile": True, "max_epochs": 1})
+    out = ok(run_cli("train", job, env={"OMP_NUM_THREADS": 1}))
+    compiled = [json.loads(line) for line in (tmp_path / "job" / "events.jsonl").read_text().splitlines()
+                if '"compiled"' in line]
+    assert compiled and compiled[-1]["compilations"] > 0, out[-3000:]
+    assert {"train_iou", "val_iou"} <= history(tmp_path / "job")[0].keys()
+    state, _ = newest_state(tmp_path / "job" / "checkpoints")
+    assert sorted(state["model"]) == sorted(user_module.Segmenter().state_dict())
+
+
 def test_summary_and_export_refuse_dict_samples_in_one_line(user_module):
     train_set, val_set = user_module.build()
     with pytest.raises(ConfigError, match=r"samples are dicts, not \(input tensor, target\) pairs"):
