@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import dist, finetune
+from . import dist, finetune, tuning
 from .components import build_loss, build_model, build_optimizer, build_scheduler, build_step
 from .config import RunConfig
 from .data import Datasets, build_datasets
@@ -47,12 +47,13 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
                           f"{env.world_size} processes; every rank needs at least one sample per epoch")
     model, phases, head = build_model_for(cfg, data)
     model.to(env.device)
+    tuning.apply(model, cfg, env)  # before sharding: FSDP2 shards the blocks as they recompute
     if cfg.dist.strategy == "fsdp":
         model = dist.shard(model, cfg.dist, env, cfg.train.precision)  # before the optimizer: it holds the shards
         if data.val is not None and len(data.val) < env.world_size:  # each rank's forwards are collectives
             raise ConfigError(f"data: the validation set has {len(data.val)} sample(s), fewer than the "
                               f"{env.world_size} processes; under dist.strategy=fsdp every rank evaluates")
-    optimizer = build_optimizer(cfg.optim, finetune.param_groups(model, phases, head))
+    optimizer = tuning.keep_on_load(build_optimizer(cfg.optim, finetune.param_groups(model, phases, head)))
     if cfg.train.precision == "fp16" and env.device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device; use bf16 on CPU")
     scaler = grad_scaler(cfg, env, model)
