@@ -34,6 +34,7 @@ from .data import seed_all
 from .dist import DistEnv
 from .errors import CheckpointError, ConfigError, RunnerError, StorageError, one_line
 from .events import EventLog
+from .interval import AutoInterval, lineage_history
 from .job import Job
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, open_checkpoint, run_id_of,
@@ -92,6 +93,7 @@ class Checkpointer:
         self.staging = Staging(reuse=cfg.checkpoint.reuse_buffers)  # host copies of the state, reused per save
         self.sharded = cfg.dist.strategy == "fsdp"  # every rank writes its shards (docs/design.md, "Sharded")
         self.side_group = None  # sharded: the writer threads' own process group
+        self.auto: AutoInterval | None = None  # rank 0 with checkpoint.every: auto
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -103,11 +105,12 @@ class Checkpointer:
             raise StorageError(problem or f"another rank cannot read {self.url} as rank 0 wrote it: checkpoint.dir "
                                           "must be storage every node reads (an object store or a shared filesystem)")
         found = dist.from_rank0(self._choose, self.env)
-        if isinstance(found, Lineage):
-            self.lineage = found
-            return self._fresh(job)
-        self.lineage = found.lineage
-        return self._resume(job, found, last_step)
+        self.lineage = found if isinstance(found, Lineage) else found.lineage
+        state = self._fresh(job) if isinstance(found, Lineage) else self._resume(job, found, last_step)
+        if self.cfg.checkpoint.every == "auto" and self.env.is_main:
+            history = lineage_history(self.cfg.out_dir, self.lineage.run_id, self.events.launch)
+            self.auto = AutoInterval(self.cfg.checkpoint, self.events, history)
+        return state
 
     def _open(self) -> None:
         """Rank 0: prove the store works, take its lease, then remove leftovers of interrupted writes."""
@@ -266,9 +269,14 @@ class Checkpointer:
     # --- saving -------------------------------------------------------------------------------------------
 
     def poll(self) -> tuple[bool, bool]:
-        """This rank's (save due by wall time, saving is broken); the loop agrees on them across ranks."""
-        minutes = self.cfg.checkpoint.every_minutes
-        due = bool(minutes) and time.monotonic() - self.last_save_at >= minutes * 60
+        """After each step, this rank's (save due by wall time, saving is broken); the loop agrees on them across
+        ranks. With checkpoint.every: auto, rank 0 measures the step and decides alone."""
+        minutes, since = self.cfg.checkpoint.every_minutes, time.monotonic() - self.last_save_at
+        due = bool(minutes) and since >= minutes * 60
+        if self.auto is not None:
+            self.auto.step(self.events.timers.counters()["productive_s"], self.writer is not None
+                           and self.writer.is_alive())
+            due = self.auto.due(since)
         if self.lease is not None and self.lease.lost and self.broken is None:
             self.broken = FENCED.format(url=self.url)
         return due, self.broken is not None
@@ -346,11 +354,7 @@ class Checkpointer:
                 with contextlib.suppress(Exception):  # else the next start's cleanup removes them
                     sharded.discard_attempt(self.store, step, attempt)
         self.write_ok = dist.broadcast(self.write_ok, env, group)
-        write_s = time.perf_counter() - t0
-        if self.write_ok:
-            self.last_save_took_s = blocked_s + write_s
-        self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=blocked_s, write_s=write_s,
-                         committed=self.write_ok, emergency=emergency)
+        self._record(step, blocked_s, time.perf_counter() - t0, emergency)
 
     def _commit_shards(self, step: int, attempt: str, files: dict, problems: list[str], meta: dict) -> None:
         """Rank 0: the manifest of a sharded save, last, if every rank wrote its part and the lease is still ours."""
@@ -412,11 +416,16 @@ class Checkpointer:
         try:
             self._commit(staged, meta, emergency)
         finally:
-            write_s = time.perf_counter() - t0
-            if self.write_ok:
-                self.last_save_took_s = blocked_s + write_s
-            self.events.emit("checkpoint", step=meta["step"], bytes=self.written_bytes, blocked_s=blocked_s,
-                             write_s=write_s, committed=self.write_ok, emergency=emergency)
+            self._record(meta["step"], blocked_s, time.perf_counter() - t0, emergency)
+
+    def _record(self, step: int, blocked_s: float, write_s: float, emergency: bool) -> None:
+        """A save's end, in its writer thread: its event, and what its cost teaches the next ones."""
+        if self.write_ok:
+            self.last_save_took_s = blocked_s + write_s
+            if self.auto is not None and not emergency:
+                self.auto.saved(blocked_s, write_s)
+        self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=blocked_s, write_s=write_s,
+                         committed=self.write_ok, emergency=emergency)
 
     def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRY_ATTEMPTS

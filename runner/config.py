@@ -172,6 +172,16 @@ class CheckpointConfig:
     """Save every N optimizer steps."""
     every_minutes: Optional[float] = None
     """Save when this much wall time passed since the last save."""
+    every: Optional[Literal["auto"]] = None
+    """auto: the wall-time interval chosen from the run's measured save cost and interruptions (Young/Daly,
+    √(2·cost·MTBF)), re-chosen after each save; replaces every_minutes."""
+    mtbf_hours: float = 6.0
+    """every: auto — the prior mean time between interruptions, blended with the run's own history (6 h: spot
+    capacity that is taken a few times a day; preemptible GCE VMs live at most 24 h)."""
+    auto_min_minutes: float = 1.0
+    """every: auto — the shortest interval."""
+    auto_max_minutes: float = 60.0
+    """every: auto — the longest interval."""
     every_epoch: bool = True
     """Save at every epoch end."""
     at_end: bool = True
@@ -335,6 +345,13 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     if cfg.model.init_optimizer and not cfg.model.init_from:
         raise ConfigError(f"{source}: 'model.init_optimizer' continues the run saved in model.init_from, which is not "
                           "set; set model.init_from to that file, or drop model.init_optimizer")
+    c = cfg.checkpoint
+    if c.every == "auto" and c.every_minutes:
+        raise ConfigError(f"{source}: 'checkpoint.every: auto' chooses the wall-time interval itself; drop "
+                          "checkpoint.every_minutes (or checkpoint.every)")
+    if not 0 < c.auto_min_minutes <= c.auto_max_minutes or c.mtbf_hours <= 0:
+        raise ConfigError(f"{source}: 'checkpoint.auto_min_minutes' must be positive and at most "
+                          "checkpoint.auto_max_minutes, and 'checkpoint.mtbf_hours' positive")
     if cfg.train.compile.mode and cfg.train.compile.options:
         raise ConfigError(f"{source}: 'train.compile' sets both mode and options; torch.compile takes one of them")
     if cfg.checkpoint.keep_best and not cfg.checkpoint.metric:

@@ -75,6 +75,7 @@ class Report:
     run_id: str | None
     launches: list[LaunchReport]
     refused: list[Refused] = field(default_factory=list)
+    interval: dict | None = None  # checkpoint.every: auto — the lineage's last `interval` record (its inputs)
 
     def totals(self) -> dict:
         sums = {key: round(sum(getattr(launch, key) for launch in self.launches), 3) for key in SUMMED}
@@ -88,7 +89,8 @@ class Report:
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "launches": [asdict(launch) for launch in self.launches],
-                "refused": [asdict(launch) for launch in self.refused], "totals": self.totals()}
+                "refused": [asdict(launch) for launch in self.refused], "totals": self.totals(),
+                "interval": self.interval}
 
 
 def run_dir(run_dir_or_job: str) -> Path:
@@ -146,7 +148,9 @@ def build_report(records: list[dict]) -> Report:
         report = launch_report(launch, previous_end)
         previous_end = report.started + report.wall_s
         reports.append(report)
-    return Report(run_id, reports, [refused_report(launch) for launch in launches_of(records) if refused(launch)])
+    intervals = [r for launch in launches for r in launch if r["event"] == "interval"]
+    return Report(run_id, reports, [refused_report(launch) for launch in launches_of(records) if refused(launch)],
+                  max(intervals, key=lambda r: r["time"]) if intervals else None)
 
 
 def refused_report(records: list[dict]) -> Refused:
@@ -251,7 +255,24 @@ def format_report(report: Report, out_dir: Path) -> str:
                f" on {r.host or '?'}, exit {r.status}" for r in report.refused]
     foot = ("startup = start to the first step's end, compile aside (restoring the checkpoint if resumed); "
             "ratio = productive ÷ (gap + wall); categories: README, \"What a run did\"")
-    return "\n".join([head, *lines, *refused, foot])
+    return "\n".join([head, *lines, *refused, *interval_lines(report, totals), foot])
+
+
+def interval_lines(report: Report, totals: dict) -> list[str]:
+    """checkpoint.every: auto — the interval in force, what it was chosen from, and the loss it expects next to
+    the loss measured (stall + recompute over the elapsed time)."""
+    chosen = report.interval
+    if chosen is None:
+        return []
+    cost = "not measured yet" if chosen["cost_s"] is None else (
+        f"{duration(chosen['cost_s'])} (blocked {duration(chosen['blocked_s'])} + slowdown "
+        f"{duration(chosen['slowdown_s'] or 0.0)})")
+    expected = "?" if chosen["expected_loss"] is None else f"{chosen['expected_loss']:.2%}"
+    measured = ratio(totals["stall_s"] + totals["recompute_s"], totals["elapsed_s"])
+    return [f"checkpoint interval (every: auto): {duration(chosen['interval_s'])} in force; save cost C {cost}; "
+            f"MTBF M {duration(chosen['mtbf_s'])} (prior {duration(chosen['prior_mtbf_s'])}, "
+            f"{chosen['interruptions']} interruption(s) in {duration(chosen['observed_s'])}); time lost to saves "
+            f"and recompute: expected {expected}, measured {measured:.2%}"]
 
 
 def report_command(run_dir_or_job: str, as_json: bool) -> str:

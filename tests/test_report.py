@@ -105,7 +105,8 @@ def test_report_table_and_json_from_the_out_dir_or_the_job_file(run_dir, tmp_pat
     job = write_job(tmp_path, "job", out_dir=str(run_dir))
     assert main(["report", str(job), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"out_dir", "run_id", "launches", "refused", "totals"}
+    assert set(data) == {"out_dir", "run_id", "launches", "refused", "totals", "interval"}
+    assert data["interval"] is None  # checkpoint.every: auto was not used
     assert data["out_dir"] == str(run_dir) and data["run_id"] == "run-B"
     assert [launch["status"] for launch in data["launches"]] == [None, 75, 0]
     assert [launch["lost_steps"] for launch in data["launches"]] == [0, 40, 0]
