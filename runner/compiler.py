@@ -83,7 +83,8 @@ class CompileClock:
         inductor = counters["inductor"]
         self.events.emit("compiled", compilations=self.compilations,
                          seconds=self.events.timers.counters()["compile_s"],
-                         graph_cache_hits=inductor["fxgraph_cache_hit"], graph_cache_misses=inductor["fxgraph_cache_miss"])
+                         graph_cache_hits=inductor["fxgraph_cache_hit"],
+                         graph_cache_misses=inductor["fxgraph_cache_miss"])
 
 
 def local_cache_dir(cfg: RunConfig, env: DistEnv) -> Path:

@@ -242,6 +242,20 @@ class PreemptionConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    enabled: bool = True
+    """A rank that stops making progress writes its stacks to <out_dir>/hangs and exits 76 (torchrun restarts)."""
+    step_multiple: float = 20.0
+    """Allowance: this many times the running median time between two steps (or evaluation batches)..."""
+    floor_s: float = 60.0
+    """... and never less than this."""
+    first_step_s: float = 900.0
+    """Allowance for the first step, compilation, and an epoch's or an evaluation's first batch."""
+    save_s: float = 900.0
+    """Allowance while a save blocks training (the snapshot, or waiting for the previous write)."""
+
+
+@dataclass(frozen=True)
 class PhaseConfig:
     epochs: Optional[int] = None
     """Length of the phase in epochs; omit on the last phase to run to the end."""
@@ -295,6 +309,8 @@ class RunConfig:
     """Distributed settings (used under torchrun)."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     """Stop signals and the emergency checkpoint."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Hangs become restarts: the progress watchdog."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Transfer learning: new head and freeze/unfreeze phases."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

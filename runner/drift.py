@@ -56,6 +56,7 @@ CATEGORIES = {
     "optim.args.foreach": Category.FREE,
     "dist": Category.FREE,
     "preemption": Category.FREE,
+    "watchdog": Category.FREE,
     "checkpoint": Category.FREE,
     "resume": Category.FREE,
     "out_dir": Category.FREE,

@@ -29,6 +29,7 @@ from .records import StepRecord, write_history
 from .state import TrainState
 from .tensorboard import TensorBoard
 from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
+from .watchdog import Watchdog
 
 EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempted", "early stop"
 
@@ -46,6 +47,7 @@ class Launch:
     ckpt: Checkpointer | None = None
     compile_clock: CompileClock | None = None
     compile_cache: CompileCache | None = None
+    watchdog: Watchdog | None = None
 
 
 def train(cfg: RunConfig) -> int:
@@ -87,6 +89,8 @@ def train(cfg: RunConfig) -> int:
         launch.events.emit("exit", status=status, step=launch.events.step)
         launch.events.close()
         launch.notices.close()
+        if launch.watchdog is not None:
+            launch.watchdog.close()
         preemption.uninstall(handlers)
         dist.teardown()
 
@@ -109,6 +113,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers, env.device.type == "cuda")
     launch.agreement = preemption.StopAgreement(env)
     state.sums = state.sums.to(env.device)
+    launch.watchdog = Watchdog(cfg.watchdog, env.rank, env.world_size, cfg.out_dir, launch.events)
     while True:
         enter_phase(job, finetune.phase_at(job.phases, state.epoch))
         seeded.epoch = state.epoch
@@ -119,6 +124,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
                 before_fork(ckpt, launch)  # the validation loader forks its workers too
             outcome = end_epoch(job, state, launch, outcome)
         if outcome == PREEMPTED:
+            launch.watchdog.close()  # the stop's own deadline governs from here (preemption.py)
             launch.events.emit("stop_request", step=state.step, reason=preemption.requested() or "another rank")
             status = ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
             launch.notices.acknowledge(status)  # committed: the VM may go now
@@ -132,6 +138,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
         if state.finished:
             break
     launch.events.timers.switch("other")
+    launch.watchdog.close()  # the final write may take its time: ckpt.finish waits for it
     if launch.compile_cache is not None:
         launch.compile_cache.save_if_grown()  # the last epoch's evaluation may have compiled
     status = ckpt.finish(state)
@@ -152,6 +159,7 @@ def train_epoch(job: Job, ckpt: Checkpointer, launch: Launch, loader, state: Tra
         return MAX_STEPS
     if cfg.data.num_workers:
         before_fork(ckpt, launch)
+    launch.watchdog.expect_slow()  # the loader's workers start, a new shape may compile
     with progress_bar(cfg, env, state, len(loader)) as bar:
         for micro in micro_batches(loader, job.accumulate, cfg.data.batch_size):
             if micro.first and launch.agreement.stop_agreed(settle=True):
@@ -194,6 +202,7 @@ def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, ba
         job.scheduler.step()
     launch.steps.write(state.step)
     launch.events.after_step(state.step)
+    launch.watchdog.beat(state.step)
     if launch.compile_cache is not None:
         launch.compile_cache.save_if_grown()
     inject_fault(state.step, job.env)
@@ -262,7 +271,8 @@ def end_epoch(job: Job, state: TrainState, launch: Launch, outcome: str) -> str:
         metrics["train_acc"] = correct / max(count, 1)
     metrics.update({f"train_{name}": value / max(count, 1) for name, value in zip(names, metric_sums)})
     with events.timers.during("eval"):
-        val = evaluate(job, names, launch.agreement)
+        launch.watchdog.expect_slow()
+        val = evaluate(job, names, launch.agreement, launch.watchdog.beat)
     if val is None:
         log(f"evaluation of epoch {metrics['epoch']} cut by the stop request; the resumed run evaluates it again",
             env)
@@ -291,7 +301,8 @@ def end_epoch(job: Job, state: TrainState, launch: Launch, outcome: str) -> str:
     return EARLY_STOP if stop else outcome
 
 
-def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | None = None) -> dict | None:
+def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | None = None,
+             beat=lambda: None) -> dict | None:
     """Sharded, unpadded evaluation of the plain module; sums over ranks count every sample once. With train.step:
     its loss and metrics `names` averaged over samples. None: a stop request, agreed by all ranks after a batch
     that every rank has (unpadded shares differ by one sample), cut it."""
@@ -312,6 +323,7 @@ def evaluate(job: Job, names: list[str], agreement: preemption.StopAgreement | N
             slow_eval_batch()
             loss, outputs = job.step_fn(model, to_device(batch, env.device), training=False)
             job.step_fn.add(sums, names, loss, outputs, min(batch_size, left - index * batch_size))
+            beat()  # progress, for the watchdog
             if agreement is not None and index < common and agreement.stop_agreed(settle=index + 1 == common):
                 model.train(was_training)
                 return None
