@@ -58,6 +58,7 @@ RUNNER_EXTRAS = [
     " train.log_every_steps (20)",
     "stop/save agreement per step (an async all-reduce on a CPU gloo group under torchrun; none on 1 process)",
     "last_step record (a 20-byte in-place write and flush per step)",
+    "the progress watchdog's beat per step (a clock read and a deque append; its thread wakes 4 times a second)",
     "fault-injection and checkpoint-cadence checks; the checkpoint lease heartbeat thread",
     "once per run (in `total`, not `steps`): config and job build, store probe, lease claim with its settle wait,"
     " config.yaml; per epoch: train metrics and metrics.jsonl",

@@ -143,7 +143,7 @@ def unpack(data: bytes, directory: Path) -> int:
 
 
 class CompileCache:
-    """The local cache directory and its copy on the store.
+    """The local cache directory and its copy on the store, and the compiler's clock.
 
     restore (every rank, before the first compiled step): an empty local cache is filled from the store's copy
     when that verifies against its manifest and was built for this torch and device; anything else is one
@@ -152,8 +152,8 @@ class CompileCache:
     writing it then) and written to the store in the background.
     """
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, store: CheckpointStore, events: EventLog, clock: CompileClock):
-        self.env, self.store, self.events, self.clock = env, store, events, clock
+    def __init__(self, cfg: RunConfig, env: DistEnv, store: CheckpointStore, events: EventLog):
+        self.env, self.store, self.events, self.clock = env, store, events, CompileClock(events)
         self.enabled = cfg.train.compile.cache
         self.local = local_cache_dir(cfg, env)
         self.url = f"{store.url}/{CACHE}"
@@ -228,3 +228,7 @@ class CompileCache:
         held in the worker) and at the end."""
         if self.writer is not None:
             self.writer.join(timeout)
+
+    def close(self, timeout: float) -> None:
+        self.wait(timeout)
+        self.clock.close()

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, dist, finetune, preemption
 from .checkpointer import Checkpointer
-from .compiler import CompileCache, CompileClock, compile_model
+from .compiler import CompileCache, compile_model
 from .config import RunConfig, dump_yaml
 from .console import ProgressBar, format_epoch, log
 from .data import MicroBatch, SeededDataset, ShardedSampler, make_loader, micro_batches, to_device
@@ -38,14 +38,13 @@ EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempt
 class Launch:
     """What this process start keeps besides the training state: the last-step record (steps lost at the next
     start), the event log (runner report), the TensorBoard writer, the cloud-notice watcher, the agreement on
-    stopping and saving, and with train.compile the compiler's clock and cache."""
+    stopping and saving, the progress watchdog, and with train.compile the compile cache."""
     steps: StepRecord
     events: EventLog
     tensorboard: TensorBoard
     notices: preemption.NoticeStop | None = None
     agreement: preemption.StopAgreement | None = None
     ckpt: Checkpointer | None = None
-    compile_clock: CompileClock | None = None
     compile_cache: CompileCache | None = None
     watchdog: Watchdog | None = None
 
@@ -70,8 +69,7 @@ def train(cfg: RunConfig) -> int:
         job = build_job(cfg, env)
         ckpt = launch.ckpt = Checkpointer(cfg, env, launch.events)
         if cfg.train.compile.enabled:
-            launch.compile_clock = CompileClock(launch.events)
-            launch.compile_cache = CompileCache(cfg, env, ckpt.store, launch.events, launch.compile_clock)
+            launch.compile_cache = CompileCache(cfg, env, ckpt.store, launch.events)
         status = run(job, ckpt, launch)
         return status
     except RunnerError as e:
@@ -81,8 +79,7 @@ def train(cfg: RunConfig) -> int:
         if ckpt is not None:  # a crash must not abandon a snapshot half written (bounded: the store may hang)
             ckpt.close(cfg.preemption.grace_s)
         if launch.compile_cache is not None:
-            launch.compile_cache.wait(cfg.preemption.grace_s)
-            launch.compile_clock.close()
+            launch.compile_cache.close(cfg.preemption.grace_s)
         launch.steps.close()
         launch.tensorboard.close()
         launch.events.timers.switch("other")

@@ -193,8 +193,9 @@ def cache_with(tmp_path: Path, problem: str) -> CompileCache:
         archive.write_bytes(bytes(data))
     cfg = load_config(write_job(tmp_path, "job", train={"compile": True}))
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    clock = SimpleNamespace(compilations=0)
-    return CompileCache(cfg, env, store, EventLog(tmp_path / "events.jsonl", True), clock)
+    cache = CompileCache(cfg, env, store, EventLog(tmp_path / "events.jsonl", True))
+    cache.clock.close()  # nothing compiles here
+    return cache
 
 
 @pytest.mark.parametrize("problem, said", [("corrupt", "sha256 mismatch"),
