@@ -37,8 +37,8 @@ from .events import EventLog
 from .interval import AutoInterval, lineage_history
 from .job import Job
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
-from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, open_checkpoint, run_id_of,
-                    storage_errors, storage_fault)
+from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, LocalTier, open_checkpoint,
+                    retry_transient, run_id_of, storage_errors, storage_fault)
 from .test_hooks import fail_commit
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
@@ -94,6 +94,9 @@ class Checkpointer:
         self.sharded = cfg.dist.strategy == "fsdp"  # every rank writes its shards (docs/design.md, "Sharded")
         self.side_group = None  # sharded: the writer threads' own process group
         self.auto: AutoInterval | None = None  # rank 0 with checkpoint.every: auto
+        # checkpoint.local_dir: this machine's copies, committed first (docs/design.md, "The node-local tier")
+        self.local = LocalTier(cfg.checkpoint.local_dir, self.store.url) if cfg.checkpoint.local_dir else None
+        self.saves = 0  # periodic saves of this launch: every durable_every-th goes to the durable store too
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -105,7 +108,12 @@ class Checkpointer:
             raise StorageError(problem or f"another rank cannot read {self.url} as rank 0 wrote it: checkpoint.dir "
                                           "must be storage every node reads (an object store or a shared filesystem)")
         found = dist.from_rank0(self._choose, self.env)
+        if isinstance(found, Resume) and self.local is not None and self.local.holds(found.url):
+            if dist.any_rank([not self.local.has(found.url)], self.env)[0]:  # a rank on another machine lacks it
+                found = dist.from_rank0(lambda: self._choose(local=False), self.env)
         self.lineage = found if isinstance(found, Lineage) else found.lineage
+        if self.local is not None and self.env.is_main:
+            self.local.keep_only(self.lineage.run_id)
         state = self._fresh(job) if isinstance(found, Lineage) else self._resume(job, found, last_step)
         if self.cfg.checkpoint.every == "auto" and self.env.is_main:
             history = lineage_history(self.cfg.out_dir, self.lineage.run_id, self.events.launch)
@@ -136,13 +144,15 @@ class Checkpointer:
         return (f"rank {self.env.rank} cannot see {self.url} as rank 0 wrote it: checkpoint.dir must be storage "
                 "every node reads (an object store or a shared filesystem)")
 
-    def _choose(self) -> Resume | Lineage:
-        """Rank 0: the newest valid checkpoint of this directory's lineage, a pinned one, or a new lineage."""
+    def _choose(self, local: bool = True) -> Resume | Lineage:
+        """Rank 0: the newest valid checkpoint of this directory's lineage (its local copy when that is as new), a
+        pinned one, or a new lineage."""
         started_by, pinned = self.cfg.resume.mode, None
         if started_by not in ("auto", "never"):  # a pinned checkpoint, named by its normalized URL
             pinned = open_checkpoint(started_by, self.cfg.checkpoint.storage_options)
             started_by = pinned[1].url
-        found = self.store.read_latest(warn=warn)
+        found = self._local_latest() if local and self.local is not None and pinned is None else None
+        found = found or self.store.read_latest(warn=warn)
         if found is not None:
             info, data = found
             lineage = lineage_of(info.manifest)
@@ -161,6 +171,10 @@ class Checkpointer:
                                   "run `runner ckpt ls` to see valid ones")
         self._verified = store.read(info)
         return Resume(info.url, info.manifest, Lineage(new_run_id(), started_by, info.url))
+
+    def _local_latest(self):
+        durable = retry_transient(self.store.list, f"listing {self.url}")
+        return self.local.latest(next((info for info in reversed(durable) if info.valid), None))
 
     def _fresh(self, job: Job) -> TrainState:
         self.events.run_id = self.lineage.run_id
@@ -303,10 +317,13 @@ class Checkpointer:
                                                      self.env, self.staging),)
         if args[0] is None:
             return
+        self.saves += not emergency
+        every = self.cfg.checkpoint.durable_every
+        durable = self.local is None or emergency or state.finished or self.saves % every == 0
         # Serializing, hashing and writing happen there. A daemon thread, so a write hung on a dead server cannot
         # keep a preempted process alive.
         self.writer = threading.Thread(target=target, args=(*args, self._meta(state), emergency, blocked.seconds),
-                                       daemon=True)
+                                       kwargs={"durable": durable}, daemon=True)
         self.writer.start()
 
     def _stage_shards(self, job: Job, state: TrainState) -> tuple:
@@ -327,7 +344,7 @@ class Checkpointer:
         return shards, rest, attempt
 
     def _write_shards(self, shards: dict, rest: dict | None, attempt: str, meta: dict, emergency: bool,
-                      blocked_s: float) -> None:
+                      blocked_s: float, durable: bool = True) -> None:
         """Every rank's writer thread: its shards (torch.distributed.checkpoint, hashed as written), rank 0 also
         state.pt; once every rank's files are written, rank 0 commits the manifest listing them all. The
         collectives here use the side group: the training thread's own go on meanwhile."""
@@ -409,12 +426,12 @@ class Checkpointer:
         self.writer = None
         return self.write_ok
 
-    def _write(self, staged: dict, meta: dict, emergency: bool, blocked_s: float) -> None:
+    def _write(self, staged: dict, meta: dict, emergency: bool, blocked_s: float, durable: bool = True) -> None:
         t0 = time.perf_counter()
         if not emergency:  # training goes on meanwhile; an emergency save is all that is left to do
             yield_to_training()
         try:
-            self._commit(staged, meta, emergency)
+            self._commit(staged, meta, emergency, durable)
         finally:
             self._record(meta["step"], blocked_s, time.perf_counter() - t0, emergency)
 
@@ -427,9 +444,9 @@ class Checkpointer:
         self.events.emit("checkpoint", step=step, bytes=self.written_bytes, blocked_s=blocked_s, write_s=write_s,
                          committed=self.write_ok, emergency=emergency)
 
-    def _commit(self, staged: dict, meta: dict, emergency: bool) -> None:
+    def _commit(self, staged: dict, meta: dict, emergency: bool, durable: bool) -> None:
         step, attempts = meta["step"], 1 if emergency else RETRY_ATTEMPTS
-        self.write_ok, self.written_bytes = False, 0
+        self.write_ok, self.written_bytes, local_url = False, 0, None
 
         def write_state(out) -> None:  # streamed into the store; an unserializable value is a permanent fault
             serialize(staged, out)
@@ -442,7 +459,15 @@ class Checkpointer:
                     warn(f"CHECKPOINT FAILED: step {step} was not saved: {self.broken}")
                     return
                 fail_commit(step)
-                url = self.store.commit(step, {"state.pt": write_state}, meta)
+                if self.local is not None and local_url is None:  # first, and once: retries are the durable copy's
+                    local_url = self.local.commit(step, write_state, meta)
+                if not durable:
+                    log(f"checkpoint step {step} committed on this machine: {local_url} (one in "
+                        f"{self.cfg.checkpoint.durable_every} goes to checkpoint.dir)")
+                    self.write_ok = True
+                    return
+                payload = self.local.copy(step) if local_url else write_state
+                url = self.store.commit(step, {"state.pt": payload}, meta)
                 break
             except Exception as e:  # noqa: BLE001 — classified: a permanent fault is not retried
                 permanent = storage_fault(e) == "permanent"
@@ -518,6 +543,8 @@ class Checkpointer:
         """All ranks: wait for the final write; 0 if it (or an earlier save of this step) is committed, else 3."""
         ok = self.wait() and (self.last_committed == state.step or not self.cfg.checkpoint.at_end)
         ok = dist.broadcast(ok, self.env)
+        if ok and self.local is not None and self.env.is_main:
+            self.local.forget()  # local copies never outlive their run
         if not ok:
             warn(f"the final checkpoint (step {state.step}) was not saved; the last committed step is "
                  f"{self.last_committed}; exiting with status {preemption.EMERGENCY_SAVE_FAILED_EXIT}", self.env)

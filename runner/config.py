@@ -172,6 +172,11 @@ class CheckpointConfig:
     """Save every N optimizer steps."""
     every_minutes: Optional[float] = None
     """Save when this much wall time passed since the last save."""
+    local_dir: Optional[str] = None
+    """A folder on this machine (/dev/shm, a local NVMe): each checkpoint is committed there first, then copied to
+    checkpoint.dir; a restart on the same machine resumes from it when it is the newest (not with fsdp yet)."""
+    durable_every: int = 1
+    """With local_dir: copy every k-th checkpoint to checkpoint.dir (emergency and final ones always)."""
     every: Optional[Literal["auto"]] = None
     """auto: the wall-time interval chosen from the run's measured save cost and interruptions (Young/Daly,
     √(2·cost·MTBF)), re-chosen after each save; replaces every_minutes."""
@@ -365,6 +370,12 @@ def check_values(cfg: RunConfig, source: Path) -> None:
     if c.every == "auto" and c.every_minutes:
         raise ConfigError(f"{source}: 'checkpoint.every: auto' chooses the wall-time interval itself; drop "
                           "checkpoint.every_minutes (or checkpoint.every)")
+    if c.local_dir and cfg.dist.strategy == "fsdp":
+        raise ConfigError(f"{source}: 'checkpoint.local_dir' does not work with dist.strategy: fsdp yet (every rank "
+                          "would need its own local shards); drop checkpoint.local_dir or use dist.strategy: ddp")
+    if c.durable_every < 1 or (c.local_dir and "://" in c.local_dir):
+        raise ConfigError(f"{source}: 'checkpoint.durable_every' must be at least 1 and 'checkpoint.local_dir' a "
+                          "local folder (it is this machine's copy; checkpoint.dir is the durable one)")
     if not 0 < c.auto_min_minutes <= c.auto_max_minutes or c.mtbf_hours <= 0:
         raise ConfigError(f"{source}: 'checkpoint.auto_min_minutes' must be positive and at most "
                           "checkpoint.auto_max_minutes, and 'checkpoint.mtbf_hours' positive")
