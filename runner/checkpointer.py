@@ -97,6 +97,7 @@ class Checkpointer:
         # checkpoint.local_dir: this machine's copies, committed first (docs/design.md, "The node-local tier")
         self.local = LocalTier(cfg.checkpoint.local_dir, self.store.url) if cfg.checkpoint.local_dir else None
         self.saves = 0  # periodic saves of this launch: every durable_every-th goes to the durable store too
+        self.tracker_ids: dict[str, str] = {}  # rank 0: the lineage's experiment-tracker runs (runner/trackers.py)
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -206,6 +207,7 @@ class Checkpointer:
             log(f"starting run {found.lineage.run_id} from pinned checkpoint {found.url}", env)
         else:
             self.last_committed = state.step
+            self.tracker_ids.update(found.manifest.get("trackers") or {})  # a pinned start is another lineage
         self._extend_if_asked(state, found.manifest)
         lost = 0 if found.lineage.parent == found.url else max(0, last_step - state.step)  # pinned: another run's
         self.events.run_id = found.lineage.run_id
@@ -405,6 +407,7 @@ class Checkpointer:
             # only measured here: a mid-epoch save must not carry (and compete with) the last epoch's numbers
             "metrics": last if last.get("step") == state.step else {},
             "config": manifest_config(self.cfg),
+            "trackers": dict(self.tracker_ids),
             "runner_version": __version__, "torch_version": torch.__version__,
         }
 

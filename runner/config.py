@@ -292,6 +292,14 @@ class FinetuneConfig:
 class MetricsConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars to <out_dir>/tb (pip install 'runner-train[tensorboard]')."""
+    loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv"]] = field(default_factory=list)
+    """Experiment trackers, rank 0, one tracker run per lineage (pip install 'runner-train[mlflow]', '[wandb]')."""
+    experiment: Optional[str] = None
+    """MLflow experiment / W&B project; default: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else the tracker's default."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI (./mlruns, sqlite:///mlflow.db, http://host:5000); default: MLFLOW_TRACKING_URI."""
+    log_model: bool = False
+    """At the end of a finished run, log the final weights (model.safetensors) to the trackers as an artifact."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .events import EVENTS, EventLog
 from .job import Job, build_job
 from .records import StepRecord, write_history
 from .state import TrainState
-from .tensorboard import TensorBoard
+from .trackers import Trackers, launch_line
 from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
 from .watchdog import Watchdog
 
@@ -37,16 +37,17 @@ EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempt
 @dataclass
 class Launch:
     """What this process start keeps besides the training state: the last-step record (steps lost at the next
-    start), the event log (runner report), the TensorBoard writer, the cloud-notice watcher, the agreement on
-    stopping and saving, the progress watchdog, and with train.compile the compile cache."""
+    start), the event log (runner report), the experiment trackers (TensorBoard, MLflow, W&B, CSV), the cloud-notice
+    watcher, the agreement on stopping and saving, the progress watchdog, and with train.compile the compile cache."""
     steps: StepRecord
     events: EventLog
-    tensorboard: TensorBoard
+    trackers: Trackers
     notices: preemption.NoticeStop | None = None
     agreement: preemption.StopAgreement | None = None
     ckpt: Checkpointer | None = None
     compile_cache: CompileCache | None = None
     watchdog: Watchdog | None = None
+    finished: bool = False  # this launch ended the run (the trackers log its summary)
 
 
 def train(cfg: RunConfig) -> int:
@@ -54,7 +55,7 @@ def train(cfg: RunConfig) -> int:
     exit status."""
     is_main = os.environ.get("RANK", "0") == "0"
     launch = Launch(StepRecord(cfg.out_dir, is_main), EventLog(Path(cfg.out_dir) / EVENTS, is_main),
-                    TensorBoard(cfg.out_dir, is_main and cfg.metrics.tensorboard))
+                    Trackers(cfg, is_main))
     launch.events.emit("start", world_size=int(os.environ.get("WORLD_SIZE", "1")), host=socket.gethostname(),
                        torch_version=torch.__version__, runner_version=__version__, pid=os.getpid(),
                        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
@@ -64,7 +65,7 @@ def train(cfg: RunConfig) -> int:
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
     launch.notices = preemption.NoticeStop(cfg.preemption, launch.events,
                                            last_save_s=lambda: launch.ckpt.last_save_took_s if launch.ckpt else None)
-    ckpt, status = None, 1
+    ckpt, status, job = None, 1, None
     try:
         job = build_job(cfg, env)
         ckpt = launch.ckpt = Checkpointer(cfg, env, launch.events)
@@ -81,10 +82,11 @@ def train(cfg: RunConfig) -> int:
         if launch.compile_cache is not None:
             launch.compile_cache.close(cfg.preemption.grace_s)
         launch.steps.close()
-        launch.tensorboard.close()
         launch.events.timers.switch("other")
         launch.events.emit("exit", status=status, step=launch.events.step)
         launch.events.close()
+        # after the exit record, so the goodput totals count this launch whole
+        launch.trackers.close(status, launch.finished, job.model if launch.finished else None, launch.events.step)
         launch.notices.close()
         if launch.watchdog is not None:
             launch.watchdog.close()
@@ -103,7 +105,9 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     announce(job)
     if launch.compile_cache is not None:
         launch.compile_cache.restore()  # before the first compiled step
-    launch.tensorboard.open(state.step)
+    launch.trackers.open(state.step, ckpt.lineage.run_id, ckpt.tracker_ids,
+                         launch_line(state.step, max(0, launch.steps.last() - state.step), env.world_size,
+                                     int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))))
     sampler = ShardedSampler(len(job.data.train), env.rank, env.world_size, cfg.train.seed, cfg.data.shuffle,
                              pad=True)
     seeded = SeededDataset(job.data.train, cfg.train.seed)
@@ -126,7 +130,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
             status = ckpt.emergency_save(job, state, launch.agreement.deadline(cfg.preemption.grace_s))
             launch.notices.acknowledge(status)  # committed: the VM may go now
             return status
-        launch.tensorboard.log_epoch(state.history[-1])
+        launch.trackers.log_epoch(state.history[-1])
         if not math.isfinite(state.history[-1]["train_loss"]):
             ckpt.raise_diverged(state, "non-finite loss")
         state.finished = (outcome in (MAX_STEPS, EARLY_STOP) or state.epoch >= cfg.train.max_epochs
@@ -139,6 +143,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     if launch.compile_cache is not None:
         launch.compile_cache.save_if_grown()  # the last epoch's evaluation may have compiled
     status = ckpt.finish(state)
+    launch.finished = status == 0
     dist.barrier(env)  # nobody tears the group down while rank 0 is still writing
     dump_weights(job.model, env)
     log(f"done: {state.step} steps, {state.epoch} epochs", env)
@@ -206,7 +211,7 @@ def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, ba
     if state.step % cfg.train.log_every_steps == 0:
         loss = running_loss(job, ckpt, state)
         bar.show(loss)
-        launch.tensorboard.log_step(state.step, loss, job.optimizer.param_groups[-1]["lr"])
+        launch.trackers.log_step(state.step, loss, job.optimizer.param_groups[-1]["lr"])
     final = reached_max_steps(cfg, state)
     decision = launch.agreement.after_step(*ckpt.poll(), settle=last or final)
     if decision.broken:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-protocol server (moto) on 127.0.0.1, and `store_url` over every backend."""
+"""Shared fixtures: a real S3-protocol server (moto) and a real MLflow tracking server on 127.0.0.1, and `store_url`
+over every backend."""
 
 import contextlib
 import os
@@ -30,7 +31,7 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, log, timeout: float = 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"moto server exited with {proc.returncode}: {log.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read().decode()[-2000:]}")
         try:
             urllib.request.urlopen(endpoint, timeout=1).close()
             return
@@ -38,7 +39,7 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, log, timeout: float = 
             return
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"moto server did not answer on {endpoint} within {timeout}s")
+    raise RuntimeError(f"server did not answer on {endpoint} within {timeout}s")
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +109,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """Tracking URI of a real `mlflow server` (sqlite backend store, artifacts in a folder) on 127.0.0.1 only;
+    stopped with the module."""
+    pytest.importorskip("mlflow", reason="pip install 'runner-train[mlflow]'")
+    folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "art")]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                start_new_session=True)  # its workers go with it (killpg)
+        try:
+            uri = f"http://127.0.0.1:{port}"
+            _wait_until_up(f"{uri}/health", proc, log, timeout=90)
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).search_experiments()  # the server's first API call takes seconds: not in a test's
+            yield uri
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
