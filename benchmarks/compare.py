@@ -59,6 +59,7 @@ RUNNER_EXTRAS = [
     "stop/save agreement per step (an async all-reduce on a CPU gloo group under torchrun; none on 1 process)",
     "last_step record (a 20-byte in-place write and flush per step)",
     "the progress watchdog's beat per step (a clock read and a deque append; its thread wakes 4 times a second)",
+    "runner+auto: checkpoint.every: auto's measurement per step (the timers read and a writer check), no save",
     "fault-injection and checkpoint-cadence checks; the checkpoint lease heartbeat thread",
     "once per run (in `total`, not `steps`): config and job build, store probe, lease claim with its settle wait,"
     " config.yaml; per epoch: train metrics and metrics.jsonl",
@@ -142,9 +143,11 @@ def raw_loop(workload: str, device: torch.device, compiled: bool = False) -> Non
             optimizer.step()
 
 
-def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "off", compiled: bool = False) -> None:
+def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "off", compiled: bool = False,
+                auto: bool = False) -> None:
     """runner's public entry point on a job file, as `runner train job.yaml` runs it. `notice`: "aws" polls a
-    fake metadata server on 127.0.0.1 (RUNNER_METADATA_URL) every 0.2 s, to measure the watcher's cost."""
+    fake metadata server on 127.0.0.1 (RUNNER_METADATA_URL) every 0.2 s, to measure the watcher's cost. `auto`:
+    checkpoint.every: auto's per-step measurement, with an interval too long for any save to happen."""
     w = WORKLOADS[workload]
     job = tmp / "job.yaml"
     job.write_text(json.dumps({
@@ -153,7 +156,8 @@ def runner_loop(workload: str, device: torch.device, tmp: Path, notice: str = "o
         "optim": {"name": "AdamW", "lr": LR},
         "train": {"max_epochs": w.epochs, "progress": "plain", "seed": SEED, "device": device.type,
                   "compile": compiled},
-        "checkpoint": {"every_epoch": False, "at_end": False},
+        "checkpoint": {"every_epoch": False, "at_end": False,
+                       **({"every": "auto", "auto_min_minutes": 1e6, "auto_max_minutes": 1e6} if auto else {})},
         "preemption": {"notice": notice, "notice_poll_s": 0.2},
         "out_dir": str(tmp / "out"),
     }))
@@ -252,6 +256,7 @@ def compare(workload: str, repeats: int, device: torch.device, with_lightning: b
              "runner": lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)))}
     if workload == "mlp":  # where a per-step cost shows most: the notice watcher polling every 0.2 s
         loops["runner+notice"] = lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)), "aws")
+        loops["runner+auto"] = lambda: runner_loop(workload, device, Path(tempfile.mkdtemp(dir=tmp)), auto=True)
     if with_lightning:
         loops["lightning"] = lambda: lightning_loop(workload, device)
     if compiled:
