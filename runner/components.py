@@ -71,7 +71,7 @@ def build_model(cfg: ModelConfig, num_classes: int | None, input_shape: tuple[in
     if cfg.name in BUILTIN_MODELS:
         if classes is None:
             raise ConfigError("model.num_classes: required for this dataset (it has no class count)")
-        return models.builtin(cfg.name, cfg.args, classes, input_shape)
+        return call(*models.builtin(cfg.name, cfg.args, classes, input_shape), "model.args")
     if cfg.name.startswith("torchvision."):
         return torchvision_model(cfg, classes)
     if ":" in cfg.name:

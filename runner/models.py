@@ -110,10 +110,11 @@ def init_gpt_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def builtin(name: str, args: dict, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+def builtin(name: str, args: dict, num_classes: int, input_shape: tuple[int, ...]) -> tuple[type, dict]:
+    """The class of built-in model `name` and its arguments: the data's shape and classes, then model.args."""
     if name == "cnn":
         channels = input_shape[0] if len(input_shape) == 3 else 1
-        return SmallCNN(**{"num_classes": num_classes, "in_channels": channels, **args})
+        return SmallCNN, {"num_classes": num_classes, "in_channels": channels, **args}
     if name == "gpt":  # the vocabulary is the dataset's class count; the context its sequence length
-        return GPT(**{"vocab_size": num_classes, "context": input_shape[0] if input_shape else 256, **args})
-    return MLP(**{"in_features": math.prod(input_shape), "num_classes": num_classes, **args})
+        return GPT, {"vocab_size": num_classes, "context": input_shape[0] if input_shape else 256, **args}
+    return MLP, {"in_features": math.prod(input_shape), "num_classes": num_classes, **args}

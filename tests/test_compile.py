@@ -142,6 +142,30 @@ def test_compile_is_a_free_change_on_resume_both_ways(single_a, tmp_path):
     assert "resuming from" in out and "step-000000080" in out and "done: 90 steps" in out, out[-3000:]
 
 
+@pytest.mark.slow
+def test_automatic_dynamic_shapes_resume_within_the_documented_tolerance(tmp_path):
+    """README, "Compiled training": with `dynamic: null` a resumed process may compile another kernel for a shape
+    than the uninterrupted one did (which graph a shape gets depends on the shapes seen before), so the promise is
+    float rounding, not bits: weights within 1e-4 relative. An MLP on 200 samples: batches of 32 and a last one of 8,
+    so the second shape turns the batch dimension dynamic in one process and not yet in the other."""
+    base = {"model": {"name": "mlp", "args": {"hidden": [32]}},
+            "data": {"name": "synthetic", "args": {"shape": [8], "num_classes": 3, "size": 200, "val_size": 40},
+                     "batch_size": 32},
+            "optim": {"name": "AdamW", "lr": 0.01},
+            "train": {"compile": {"dynamic": None}, "max_epochs": 3, "seed": 0, "progress": "plain"},
+            "checkpoint": {"every_steps": 3, "keep_last": 0}}
+    env = {**ONE_THREAD, "TORCHINDUCTOR_CACHE_DIR": tmp_path / "inductor-cache"}
+    ok(run_cli("train", write_job(tmp_path, "a", base=base), env=env))
+    job = write_job(tmp_path, "b", base=base)
+    crashed = run_cli("train", job, env={**env, "RUNNER_TEST_FAIL_AT_STEP": 10})  # epoch 2: resumes from step 9
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    ok(run_cli("train", job, env=env))
+    a, _ = newest_state(tmp_path / "a" / "checkpoints")
+    b, _ = newest_state(tmp_path / "b" / "checkpoints")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 # --- the compile cache -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow

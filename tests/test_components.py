@@ -455,3 +455,10 @@ def test_fetching_a_training_sample_leaves_the_training_rng_alone(monkeypatch):
     assert torch.equal(ds[5][0], first)  # the sample's randomness is a function of (seed, epoch, index)
     ds.epoch = 1
     assert not torch.equal(ds[5][0], first)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt"])
+def test_a_built_in_models_unknown_argument_is_a_config_error_naming_model_args(name):
+    """A misspelled argument of a built-in model (here `widht`) is one line naming the key, not a TypeError."""
+    message = config_error(build_model, ModelConfig(name=name, args={"widht": 8}), 10, (1, 8, 8))
+    assert "model.args" in message and "widht" in message
