@@ -225,6 +225,19 @@ def kill_everything(proc: subprocess.Popen, first: int | None = None, timeout: f
     proc.wait(timeout)
 
 
+def train_in_process(job: Path, *overrides, capsys) -> tuple[int | str, str, str]:
+    """`runner train job overrides…` in this process: (exit status, or "crash: …" for an injected crash
+    (RUNNER_TEST_FAIL_AT_STEP), which propagates like a real one; stdout; stderr)."""
+    from runner import cli
+
+    try:
+        code = cli.main(["train", str(job), *map(str, overrides)])
+    except RuntimeError as e:
+        code = f"crash: {e}"
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 # --- reading results back ----------------------------------------------------------------------------------------
 
 def table_row(text: str, first_cell: str) -> list[str]:

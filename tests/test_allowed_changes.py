@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import newest_state, write_job
-from runner import cli
+from helpers import train_in_process as train
 
 JOB = {
     "model": {"name": "mlp", "args": {"hidden": [16]}},
@@ -34,15 +34,6 @@ ONE_CYCLE = {"optim": {"name": "SGD", "lr": 0.01, "args": {"momentum": 0.9}},
 def quiet_env(monkeypatch, one_thread):
     for var in [v for v in os.environ if v.startswith("RUNNER_TEST_")]:
         monkeypatch.delenv(var)
-
-
-def train(job: Path, *overrides, capsys) -> tuple[object, str, str]:
-    try:
-        code = cli.main(["train", str(job), *map(str, overrides)])
-    except RuntimeError as e:  # an injected crash (RUNNER_TEST_FAIL_AT_STEP)
-        code = f"crash: {e}"
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def lrs(out_dir: Path) -> list[float]:

@@ -93,14 +93,20 @@ def kill_at(cmd: list[str], out_dir: Path, log: Path, step: int, **env) -> None:
 
 # --- exact resume ----------------------------------------------------------------------------------------------
 
+def killed_and_resumed(a: SimpleNamespace, tmp_path: Path, nproc: int, step: int) -> str:
+    """A's job run again with A's kernels at hand, SIGKILLed after `step`, then the same command; its output."""
+    job = write_job(tmp_path, "b", **COMPILED)
+    env = warm_cache(a, tmp_path)
+    cmd = torchrun_cmd("train", job) if nproc > 1 else runner_cmd("train", job)
+    kill_at(cmd, tmp_path / "b", tmp_path / "b1.log", step, **env)
+    return ok(run_torchrun("train", job, env=env) if nproc > 1 else run_cli("train", job, env=env))
+
+
 @pytest.mark.slow
 def test_compiled_run_resumes_bit_identically_after_sigkill(single_a, tmp_path):
     assert not any("_orig_mod" in key for key in single_a.state["model"])  # the plain module's keys
     assert events(single_a.dir, "compiled")[-1]["compilations"] > 0  # it did compile
-    job = write_job(tmp_path, "b", **COMPILED)
-    env = warm_cache(single_a, tmp_path)
-    kill_at(runner_cmd("train", job), tmp_path / "b", tmp_path / "b1.log", KILL_AT, **env)
-    out = ok(run_cli("train", job, env=env))
+    out = killed_and_resumed(single_a, tmp_path, 1, KILL_AT)
     assert f"resuming from {tmp_path / 'b' / 'checkpoints'}/step-{RESUME_AT:09d}" in out, out[-3000:]
     assert_same_run(single_a, tmp_path / "b")
 
@@ -119,10 +125,7 @@ def test_compiled_run_stopped_by_sigterm_loses_no_step_and_ends_identical(single
 @pytest.mark.slow
 def test_two_rank_compiled_run_resumes_bit_identically_after_sigkill(ddp_a, tmp_path):
     assert ddp_a.manifest["world_size"] == 2
-    job = write_job(tmp_path, "b", **COMPILED)
-    env = warm_cache(ddp_a, tmp_path)
-    kill_at(torchrun_cmd("train", job), tmp_path / "b", tmp_path / "b1.log", KILL_AT_2, **env)
-    out = ok(run_torchrun("train", job, env=env))
+    out = killed_and_resumed(ddp_a, tmp_path, 2, KILL_AT_2)
     assert f"step-{RESUME_AT_2:09d}" in out, out[-3000:]
     assert_same_run(ddp_a, tmp_path / "b")
 

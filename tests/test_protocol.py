@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from helpers import assert_tensors_equal, launched, merge, newest_state, runner_cmd, write_job
-from runner import cli
+from helpers import train_in_process as train
 from runner.store import CheckpointStore
 
 JOB = {
@@ -38,15 +38,6 @@ def quiet_env(monkeypatch, one_thread):
     for var in [v for v in os.environ if v.startswith("RUNNER_TEST_")]:
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # botocore never probes the metadata address
-
-
-def train(job: Path, *overrides, capsys) -> tuple[int, str, str]:
-    try:
-        code = cli.main(["train", str(job), *map(str, overrides)])
-    except RuntimeError as e:  # an injected crash (RUNNER_TEST_FAIL_AT_STEP) propagates like a real one
-        code = f"crash: {e}"
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(err: str, code, status: int = 2) -> str:

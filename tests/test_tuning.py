@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import assert_tensors_equal, merge, newest_state, ok, run_cli, run_torchrun, text_corpus, write_job
+from helpers import train_in_process as train
 from runner import cli, tuning
 from runner.config import load_config
 from runner.dist import DistEnv
@@ -53,15 +54,6 @@ def corpus(tmp_path_factory) -> str:
 
 def gpt_job(corpus: str) -> dict:
     return merge(GPT, {"data": {"args": {"path": corpus}}})
-
-
-def train(job: Path, *overrides, capsys) -> tuple[int | str, str, str]:
-    try:
-        code = cli.main(["train", str(job), *map(str, overrides)])
-    except RuntimeError as e:  # an injected crash (RUNNER_TEST_FAIL_AT_STEP) propagates like a real one
-        code = f"crash: {e}"
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def trained(job: Path, *overrides, capsys) -> str:
