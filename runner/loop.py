@@ -114,7 +114,7 @@ def run(job: Job, ckpt: Checkpointer, launch: Launch) -> int:
     loader = make_loader(seeded, sampler, cfg.data.batch_size, cfg.data.num_workers, env.device.type == "cuda")
     launch.agreement = preemption.StopAgreement(env)
     state.sums = state.sums.to(env.device)
-    launch.watchdog = Watchdog(cfg.watchdog, env.rank, env.world_size, cfg.out_dir, launch.events)
+    launch.watchdog = Watchdog(cfg.watchdog, env.rank, env.world_size, cfg.out_dir, launch.events, state.step)
     while True:
         enter_phase(job, finetune.phase_at(job.phases, state.epoch))
         seeded.epoch = state.epoch

@@ -36,10 +36,11 @@ HANGS = "hangs"
 
 
 class Watchdog:
-    def __init__(self, cfg: WatchdogConfig, rank: int, world_size: int, out_dir: str, events: EventLog):
+    def __init__(self, cfg: WatchdogConfig, rank: int, world_size: int, out_dir: str, events: EventLog,
+                 step: int = 0):
         self.cfg, self.rank, self.world_size, self.events = cfg, rank, world_size, events
         self.dir = Path(out_dir) / HANGS
-        self.beats, self.last_beat, self.step = 0, time.monotonic(), 0
+        self.beats, self.last_beat, self.step = 0, time.monotonic(), step  # the step resumed from, until one ends
         self.slow_next = True  # start-up: the first beat gets first_step_s
         self.intervals = {"productive": deque(maxlen=200), "eval": deque(maxlen=200)}
         self.stopped = threading.Event()

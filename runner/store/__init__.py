@@ -25,5 +25,5 @@ def __getattr__(name: str):
 
 
 __all__ = [*_SHARDED, "LEASE", "LEGACY_RUN_ID", "MANIFEST", "RETRY_ATTEMPTS", "RETRY_BACKOFF_S", "STEP_RE",
-           "CheckpointInfo", "CheckpointStore", "Lease", "LeaseHeld", "LocalTier", "StoppedWaiting", "best_first", "open_checkpoint",
-           "retry_transient", "run_id_of", "score", "storage_errors", "storage_fault"]
+           "CheckpointInfo", "CheckpointStore", "Lease", "LeaseHeld", "LocalTier", "StoppedWaiting", "best_first",
+           "open_checkpoint", "retry_transient", "run_id_of", "score", "storage_errors", "storage_fault"]
