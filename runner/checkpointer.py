@@ -290,7 +290,7 @@ class Checkpointer:
         minutes, since = self.cfg.checkpoint.every_minutes, time.monotonic() - self.last_save_at
         due = bool(minutes) and since >= minutes * 60
         if self.auto is not None:
-            self.auto.step(self.events.timers.counters()["productive_s"], self.writer is not None
+            self.auto.step(self.events.timers.seconds("productive"), self.writer is not None
                            and self.writer.is_alive())
             due = self.auto.due(since)
         if self.lease is not None and self.lease.lost and self.broken is None:

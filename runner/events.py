@@ -65,6 +65,12 @@ class Timers:
             self.switch(previous)
             span.seconds = self.since - start
 
+    def seconds(self, activity: str) -> float:
+        """Cumulative seconds of one activity up to now (cheap: for a per-step reader)."""
+        with self.lock:
+            extra = time.perf_counter() - self.since if self.activity == activity else 0.0
+            return self.totals[activity] + extra
+
     def counters(self) -> dict[str, float]:
         """Cumulative productive_s, stall_s, eval_s, compile_s up to now (the current activity included)."""
         with self.lock:

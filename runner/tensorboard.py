@@ -54,12 +54,17 @@ class TensorBoard:
         """Every numeric value of an epoch record as epoch/<name> at its step, then flush."""
         if self.writer is None:
             return
-        for name, value in metrics.items():
-            if name not in POSITION and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"epoch/{name}", value, metrics["step"])
+        for name, value in epoch_values(metrics).items():
+            self.writer.add_scalar(name, value, metrics["step"])
         self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def epoch_values(metrics: dict) -> dict[str, float]:
+    """Every numeric value of an epoch record as epoch/<name>: the names every tracker uses."""
+    return {f"epoch/{name}": float(value) for name, value in metrics.items()
+            if name not in POSITION and isinstance(value, (int, float)) and not isinstance(value, bool)}

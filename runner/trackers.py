@@ -33,7 +33,7 @@ from .console import log, warn
 from .errors import ConfigError, one_line
 from .events import EVENTS, read_events
 from .report import build_report
-from .tensorboard import TensorBoard
+from .tensorboard import TensorBoard, epoch_values
 
 LOGGERS = ("tensorboard", "mlflow", "wandb", "csv")
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger → import name = extra
@@ -41,7 +41,6 @@ QUEUE_POINTS = 10_000   # points held per tracker while it is down; one point is
 BATCH_POINTS = 100      # points sent in one request (MLflow takes 1000 metrics per batch)
 RETRY_S = (1, 2, 5, 10, 30)  # backoff between attempts, the last repeated
 CLOSE_TIMEOUT_S = 10.0  # at exit, how long the trackers may take to deliver what is queued
-POSITION = ("epoch", "step")  # where an epoch record sits, not what it measured
 EVERY_KEY = "*"         # a tracker that knows only its last step for all keys (W&B)
 
 
@@ -97,12 +96,6 @@ def flat_params(cfg: RunConfig) -> dict[str, str]:
             out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     walk("", manifest_config(cfg))
     return out
-
-
-def epoch_values(metrics: dict) -> dict[str, float]:
-    """Every numeric value of an epoch record as epoch/<name> (the names TensorBoard uses)."""
-    return {f"epoch/{name}": float(value) for name, value in metrics.items()
-            if name not in POSITION and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 class Trackers:
@@ -173,9 +166,9 @@ def model_file(model, out_dir: str) -> str | None:
     """metrics.log_model: the final weights as <out_dir>/model.safetensors (a sharded model is skipped)."""
     if model is None:
         return None
-    from torch.distributed.tensor import DTensor
+    from .dist import is_sharded
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if is_sharded(model):
         warn("metrics.log_model: a sharded model is not logged; `runner export` writes it whole")
         return None
     from safetensors.torch import save_model
