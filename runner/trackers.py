@@ -4,6 +4,8 @@ The loop calls `Trackers` where it logs: `open` once the resumed step is known, 
 at epoch ends, `close` at exit. TensorBoard writes local files (its own writer thread, purge_step on resume). MLflow,
 W&B and CSV each run in a `BackgroundTracker`: a thread with a bounded queue, so a tracker that is down or slow is
 retried in the background and never blocks training; what it could not deliver is counted and reported in one line.
+Training waits for a tracker only twice, both bounded: at the start for MLflow to create its run (so even the first
+checkpoint's manifest names it), and before a fork for a call in flight to end (ForkGate).
 
 One tracker run per lineage: the run is found by the id the checkpoint manifest records (Checkpointer._meta) or by
 the lineage's run id (an MLflow tag, the W&B run id, the CSV file name), else created. Steps trained again after a
@@ -13,6 +15,7 @@ would log: the history equals an uninterrupted run's, live (nothing waits for a 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import importlib
@@ -41,6 +44,8 @@ QUEUE_POINTS = 10_000   # points held per tracker while it is down; one point is
 BATCH_POINTS = 100      # points sent in one request (MLflow takes 1000 metrics per batch)
 RETRY_S = (1, 2, 5, 10, 30)  # backoff between attempts, the last repeated
 CLOSE_TIMEOUT_S = 10.0  # at exit, how long the trackers may take to deliver what is queued
+OPEN_WAIT_S = 20.0      # at start, how long training waits for MLflow's first try at creating the run (its id)
+FORK_WAIT_S = 15.0      # before a fork, how long it waits for a tracker thread's call (MLflow's HTTP timeout: 10 s)
 EVERY_KEY = "*"         # a tracker that knows only its last step for all keys (W&B)
 
 
@@ -110,20 +115,30 @@ class Trackers:
         self.background: list[BackgroundTracker] = []
         for name in self.remote:  # importing mlflow or wandb takes seconds: overlap it with the start-up
             if name in PACKAGES:
-                threading.Thread(target=importlib.import_module, args=(PACKAGES[name],), daemon=True).start()
+                threading.Thread(target=import_quietly, args=(PACKAGES[name],), daemon=True).start()
         self.launch = ""
 
     def open(self, step: int, lineage: str, ids: dict[str, str], launch: str) -> None:
         """Start logging after `step`. `ids` is the lineage's record of tracker run ids (the checkpointer writes
-        it into every manifest); a tracker that creates its run adds its id there."""
+        it into every manifest) and must hold each tracker's id before the first checkpoint commits, or a new VM
+        (an empty out_dir) could not find the run: W&B and CSV ids follow from the lineage and are added at once;
+        MLflow's is made by its server, so this waits for its first try at opening the run (at most OPEN_WAIT_S:
+        one that cannot be reached is retried in the background, and its id lands in a later checkpoint)."""
         self.tensorboard.open(step)
         self.launch = launch
         for name in self.remote:
             info = RunInfo(lineage, ids.get(name), Path(self.cfg.out_dir).name, self.cfg.out_dir,
                            flat_params(self.cfg), launch)
-            tracker = BackgroundTracker(name, make_client(name, self.cfg), info, ids)
+            client = make_client(name, self.cfg)
+            if known := client.planned_id(info):
+                ids[name] = known
+            tracker = BackgroundTracker(name, client, info, ids)
             tracker.start()
             self.background.append(tracker)
+        deadline = time.monotonic() + OPEN_WAIT_S
+        for tracker in self.background:
+            if tracker.name not in ids:
+                tracker.tried.wait(max(0.0, deadline - time.monotonic()))
 
     def log_step(self, step: int, running_loss: float, lr: float) -> None:
         self.tensorboard.log_step(step, running_loss, lr)
@@ -190,6 +205,60 @@ def launch_line(step: int, lost: int | None, world_size: int, restart: int) -> s
 
 # --- the background thread ------------------------------------------------------------------------------------
 
+class ForkGate:
+    """The checkpoint writer's rule (Checkpointer.before_fork) for the tracker threads: a fork copies only the forking
+    thread, so a lock a tracker thread holds at that moment (stdout's, a client's connection pool's, an import's)
+    stays locked forever in the child, and a DataLoader worker that touches it hangs. Tracker threads do all their
+    work inside `working()`; before any fork of this process the forking thread closes the gate and waits (at most
+    FORK_WAIT_S, then forks anyway) until no tracker thread is inside; after the fork it opens the gate again."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.busy = self.forks = 0
+        self.tracker = threading.local()  # set on a tracker thread inside working()
+
+    @contextlib.contextmanager
+    def working(self):
+        with self.cond:
+            self.cond.wait_for(lambda: not self.forks)
+            self.busy += 1
+        self.tracker.inside = True
+        try:
+            yield
+        finally:
+            self.tracker.inside = False
+            with self.cond:
+                self.busy -= 1
+                self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        if getattr(self.tracker, "inside", False):  # a client forking a helper of its own: it cannot wait for itself
+            return
+        with self.cond:
+            self.forks += 1
+            idle = self.cond.wait_for(lambda: not self.busy, FORK_WAIT_S)
+        if not idle:
+            warn(f"a tracker's call still runs after {FORK_WAIT_S:.0f} s; forking the DataLoader workers anyway")
+
+    def after_fork(self) -> None:
+        if getattr(self.tracker, "inside", False):
+            return
+        with self.cond:
+            self.forks -= 1
+            self.cond.notify_all()
+
+
+FORK_GATE = ForkGate()
+os.register_at_fork(before=FORK_GATE.before_fork, after_in_parent=FORK_GATE.after_fork,
+                    after_in_child=FORK_GATE.__init__)  # the child's tracker threads are gone: a fresh gate
+
+
+def import_quietly(package: str) -> None:
+    """Import a tracker's package ahead of its use, off the training thread (an import holds locks too)."""
+    with FORK_GATE.working():
+        importlib.import_module(package)
+
+
 class BackgroundTracker:
     """One tracker's client on its own thread. The training thread only puts points in a bounded queue (a full one
     drops the point, counted). The thread opens the run (retrying with backoff while it cannot), then delivers
@@ -204,6 +273,7 @@ class BackgroundTracker:
         self.logged: dict[str, int] = {}    # the last step the tracker held per key when it was opened
         self.problem: str | None = None     # the last error, for the report
         self.opened = False
+        self.tried = threading.Event()      # the first attempt at opening the run ended (Trackers.open waits)
         self.in_flight: list[Point] = []
         self.closing = threading.Event()
         self.deadline = float("inf")
@@ -244,7 +314,10 @@ class BackgroundTracker:
             self._retry(lambda: self.client.finish(self.end))
 
     def _open(self) -> None:
-        run_id, self.logged = self.client.open(self.info)
+        try:
+            run_id, self.logged = self.client.open(self.info)
+        finally:
+            self.tried.set()
         self.ids[self.name] = run_id  # the next checkpoint's manifest records it
         self.opened = True
         log(f"{self.name}: logging to run {run_id}" + (f" (has steps up to {max(self.logged.values())})"
@@ -277,13 +350,14 @@ class BackgroundTracker:
     def _retry(self, attempt) -> bool:
         """Call `attempt` until it succeeds (True) or the run closes past its deadline (False)."""
         for tries in range(1_000_000):
-            try:
-                attempt()
-                return True
-            except Exception as e:  # a tracker's client raises anything; none of it may reach training
-                if self.problem is None:
-                    warn(f"{self.name}: {one_line(e)}; retrying in the background, training goes on")
-                self.problem = one_line(e)
+            with FORK_GATE.working():  # a client's call, or a warning, holds locks a forked worker must not inherit
+                try:
+                    attempt()
+                    return True
+                except Exception as e:  # a tracker's client raises anything; none of it may reach training
+                    if self.problem is None:
+                        warn(f"{self.name}: {one_line(e)}; retrying in the background, training goes on")
+                    self.problem = one_line(e)
             pause = RETRY_S[min(tries, len(RETRY_S) - 1)]
             if self.closing.is_set():
                 pause = min(pause, self.deadline - time.monotonic())
@@ -327,6 +401,11 @@ class MLflowClient:
         self.client: Any = None
         self.run_id: str | None = None
         self.launch_tag: str | None = None
+
+    @staticmethod
+    def planned_id(info: RunInfo) -> str | None:
+        """The run's id before opening it: the recorded one (a new run's id is made by the server)."""
+        return info.known_id
 
     def open(self, info: RunInfo) -> tuple[str, dict[str, int]]:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # runner retries, in the background
@@ -415,10 +494,14 @@ class WandbClient:
         self.flush_s = float(os.environ.get("WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL", "1"))
         self.run: Any = None
 
+    @staticmethod
+    def planned_id(info: RunInfo) -> str:
+        return info.known_id or wandb_id(info.lineage)
+
     def open(self, info: RunInfo) -> tuple[str, dict[str, int]]:
         import wandb
 
-        run_id = info.known_id or wandb_id(info.lineage)
+        run_id = self.planned_id(info)
         self.run = wandb.init(id=run_id, resume="allow", project=self.project or None, name=info.name,
                               dir=self.dir, config=info.params, allow_val_change=True,
                               tags=[launch_tag(info.launch)],
@@ -514,9 +597,13 @@ class CsvClient:
         self.folder = Path(cfg.out_dir) / "trackers"
         self.path: Path | None = None
 
+    @staticmethod
+    def planned_id(info: RunInfo) -> str:
+        return info.known_id or f"{info.lineage}.csv"
+
     def open(self, info: RunInfo) -> tuple[str, dict[str, int]]:
         self.folder.mkdir(parents=True, exist_ok=True)
-        name = info.known_id or f"{info.lineage}.csv"
+        name = self.planned_id(info)
         self.path = self.folder / name
         logged: dict[str, int] = {}
         if self.path.exists():

@@ -11,12 +11,14 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fault_helpers import finish, last_step, wait_until
 from helpers import assert_tensors_equal, free_port, launched, newest_state, torchrun_cmd, write_job
@@ -130,9 +132,7 @@ def test_mlflow_one_run_per_lineage_with_the_uninterrupted_history(runs, mlflow_
     assert run.info.status == "FINISHED"
     assert run.data.metrics["goodput/launches"] == 4 and 0 < run.data.metrics["goodput/effective_ratio"] < 1
     _, manifest = newest_state(Path(load_config(job).out_dir) / "checkpoints")
-    # the manifest names this run once the tracker opened before a commit (a launch this short may beat it: the
-    # lineage tag finds the run then)
-    assert manifest["trackers"].get("mlflow", run.info.run_id) == run.info.run_id
+    assert manifest["trackers"]["mlflow"] == run.info.run_id  # known before the first commit (Trackers.open)
     assert run.data.tags["runner.run_id"] == manifest["run_id"]
 
 
@@ -160,7 +160,7 @@ def test_wandb_offline_and_csv_one_run_with_the_uninterrupted_history(runs):
     for key in expected:
         assert curves[key] == expected[key], key
     _, manifest = newest_state(Path(out_dir) / "checkpoints")
-    assert ids == {trackers.wandb_id(manifest["run_id"])} and manifest["trackers"].get("wandb") in (None, *ids)
+    assert ids == {trackers.wandb_id(manifest["run_id"])} and manifest["trackers"]["wandb"] in ids
 
     def csv_curves(folder):
         [path] = glob.glob(f"{folder}/trackers/*.csv")
@@ -239,3 +239,91 @@ def test_flat_params_redact_secrets_and_a_missing_package_is_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'runner-train[mlflow]'" in err and "metrics.loggers" in err
     assert not (tmp_path / "p").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_a_new_vm_reopens_the_run_the_first_checkpoint_names(tmp_path, quick, mlflow_server, monkeypatch):
+    """A launch that crashes at step 7 (one checkpoint, step 4, committed moments after the start), then a new VM:
+    an empty out_dir but the checkpoint store. The same command reopens the MLflow run by the id in the manifest
+    (its lineage tag is removed first, so nothing else can find it), and the history is the uninterrupted run's."""
+    def tracked(name):
+        return write_job(tmp_path, name, base=SMALL, metrics={"loggers": ["mlflow"], "tracking_uri": mlflow_server,
+                                                              "experiment": f"{name}-{tmp_path.name}"})
+    reference = tracked("reference")
+    assert cli.main(["train", str(reference)]) == 0
+    job, out_dir = tracked("vm"), tmp_path / "vm"
+    monkeypatch.setenv("RUNNER_TEST_FAIL_AT_STEP", "7")  # steps 5-7 are lost, step 6 already in MLflow
+    with pytest.raises(RuntimeError, match="injected test fault"):
+        cli.main(["train", str(job)])
+    client, [run] = only_run(mlflow_server, job)
+    _, manifest = newest_state(out_dir / "checkpoints")
+    assert manifest["step"] == 4 and manifest["trackers"] == {"mlflow": run.info.run_id}
+    client.delete_tag(run.info.run_id, trackers.MLflowClient.LINEAGE_TAG)
+    for entry in out_dir.iterdir():  # a new VM: nothing of the old one but the checkpoint store
+        if entry.name != "checkpoints":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    monkeypatch.delenv("RUNNER_TEST_FAIL_AT_STEP")
+    assert cli.main(["train", str(job)]) == 0
+
+    client, [run] = only_run(mlflow_server, job)  # one run across both machines
+    _, [ref_run] = only_run(mlflow_server, reference)
+    assert mlflow_history(client, run) == mlflow_history(client, ref_run)  # steps and values, none twice
+    launches = sorted(k for k in run.data.tags if k.startswith("runner.launch."))
+    assert launches == ["runner.launch.1", "runner.launch.2"] and trackers.MLflowClient.LINEAGE_TAG not in run.data.tags
+    assert "resumed at step 4" in run.data.tags["runner.launch.2"] and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_log_model_logs_the_trained_weights_as_an_mlflow_artifact(tmp_path, quick, mlflow_server):
+    from safetensors.torch import load_file
+
+    job = write_job(tmp_path, "model", base=SMALL, metrics={"loggers": ["mlflow"], "tracking_uri": mlflow_server,
+                                                            "experiment": f"model-{tmp_path.name}", "log_model": True})
+    assert cli.main(["train", str(job)]) == 0
+    client, [run] = only_run(mlflow_server, job)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.safetensors"]
+    logged = load_file(client.download_artifacts(run.info.run_id, "model/model.safetensors", str(tmp_path)))
+    state, manifest = newest_state(tmp_path / "model" / "checkpoints")
+    assert manifest["finished"] and manifest["step"] == 16
+    assert_tensors_equal(logged, state["model"])  # the final checkpoint's weights, every tensor
+
+
+class LockProbe(torch.utils.data.Dataset):
+    """One sample: whether the DataLoader worker, a fork, could take `lock` (a lock held at the fork stays held)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.lock.acquire(timeout=3)
+
+
+def test_dataloader_workers_never_fork_inside_a_tracker_call(one_thread):
+    """A client call holds a lock (as MLflow's holds its connection pool's, or a warning stdout's) for a second;
+    a DataLoader forked meanwhile waits for the call to end, so its worker finds the lock free instead of hanging."""
+    held, inside = threading.Lock(), threading.Event()
+
+    class HoldingClient:  # only the lock is made up: the thread, the fork and the loader are runner's and torch's
+        def open(self, info):
+            return "run", {}
+
+        def log(self, points):
+            with held:
+                inside.set()
+                time.sleep(1)
+
+        def finish(self, end):
+            pass
+
+    tracker = trackers.BackgroundTracker("holding", HoldingClient(), trackers.RunInfo("l", None, "n", ".", {}, ""),
+                                         {})
+    tracker.start()
+    tracker.put(trackers.Point(2, {"train/loss_running": 1.0}))
+    assert inside.wait(30)
+    loader = torch.utils.data.DataLoader(LockProbe(held), batch_size=None, num_workers=1)
+    assert list(loader) == [True]  # the worker took the lock: it was forked after the call released it
+    tracker.close(trackers.RunEnd(0, True, {}, None, ""), time.monotonic() + 5)
+    assert tracker.sent == 1 and not tracker.thread.is_alive()
