@@ -3,6 +3,7 @@ their exit status (2: fix the job; 1: storage still unavailable after retries; 4
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -77,7 +78,13 @@ def cmd_train(args) -> int:
     cfg = load_job(args)  # before importing the loop, so a typo in the job file is reported at once
     from .loop import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        # Free the training state now: reference cycles (FSDP's and DDP's hooks) keep it, and with it a gloo process
+        # group, alive past train(). Freed only as the interpreter exits, the group's worker thread, releasing its
+        # last tensors, asks for a GIL that no longer exists and the process aborts (SIGABRT after "done").
+        gc.collect()
 
 
 def model_from_job(cfg):
