@@ -16,6 +16,7 @@ The loop calls `start` once, `poll` after every optimizer step, `maybe_save` at 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -39,6 +41,7 @@ from .job import Job
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, LocalTier, open_checkpoint,
                     retry_transient, run_id_of, storage_errors, storage_fault)
+from .store.local import matches
 from .test_hooks import fail_commit
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
@@ -63,6 +66,7 @@ class Resume:
     url: str
     manifest: dict
     lineage: Lineage
+    local: bool = False  # rank 0's node-local copy (checkpoint.local_dir), not the durable store's
 
 
 def new_run_id() -> str:
@@ -109,9 +113,6 @@ class Checkpointer:
             raise StorageError(problem or f"another rank cannot read {self.url} as rank 0 wrote it: checkpoint.dir "
                                           "must be storage every node reads (an object store or a shared filesystem)")
         found = dist.from_rank0(self._choose, self.env)
-        if isinstance(found, Resume) and self.local is not None and self.local.holds(found.url):
-            if dist.any_rank([not self.local.has(found.url)], self.env)[0]:  # a rank on another machine lacks it
-                found = dist.from_rank0(lambda: self._choose(local=False), self.env)
         self.lineage = found if isinstance(found, Lineage) else found.lineage
         if self.local is not None and self.env.is_main:
             self.local.keep_only(self.lineage.run_id)
@@ -145,21 +146,21 @@ class Checkpointer:
         return (f"rank {self.env.rank} cannot see {self.url} as rank 0 wrote it: checkpoint.dir must be storage "
                 "every node reads (an object store or a shared filesystem)")
 
-    def _choose(self, local: bool = True) -> Resume | Lineage:
+    def _choose(self) -> Resume | Lineage:
         """Rank 0: the newest valid checkpoint of this directory's lineage (its local copy when that is as new), a
         pinned one, or a new lineage."""
         started_by, pinned = self.cfg.resume.mode, None
         if started_by not in ("auto", "never"):  # a pinned checkpoint, named by its normalized URL
             pinned = open_checkpoint(started_by, self.cfg.checkpoint.storage_options)
             started_by = pinned[1].url
-        found = self._local_latest() if local and self.local is not None and pinned is None else None
-        found = found or self.store.read_latest(warn=warn)
+        local = self._local_latest() if self.local is not None and pinned is None else None
+        found = local or self.store.read_latest(warn=warn)
         if found is not None:
             info, data = found
             lineage = lineage_of(info.manifest)
             if started_by == "auto" or lineage.started_by == started_by:
                 self._verified = data
-                return Resume(info.url, info.manifest, lineage)
+                return Resume(info.url, info.manifest, lineage, local=local is not None)
             raise CheckpointError(
                 f"{self.url} already holds run {lineage.run_id} (newest: {info.url}, step {info.step}); "
                 f"resume.mode={self.cfg.resume.mode} would start another run there. Continue it with "
@@ -189,6 +190,9 @@ class Checkpointer:
         cfg, env = self.cfg, self.env
         changes = self._check_compatible(found)
         data, self._verified = self._verified, None
+        peers = []
+        if found.local:
+            data, peers = self._local_state(data, found)
         store = info = None
         if data is None or "sharded" in found.manifest:  # the other ranks read what rank 0 chose; all, shards
             store, info = open_checkpoint(found.url, cfg.checkpoint.storage_options)
@@ -211,11 +215,31 @@ class Checkpointer:
         self._extend_if_asked(state, found.manifest)
         lost = 0 if found.lineage.parent == found.url else max(0, last_step - state.step)  # pinned: another run's
         self.events.run_id = found.lineage.run_id
-        self.events.emit("resume", checkpoint=found.url, step=state.step, lost=lost)
+        self.events.emit("resume", checkpoint=found.url, step=state.step, lost=lost, peer_ranks=peers)
         log(f"resuming from {found.url}: step {state.step}, epoch {state.epoch + 1}, sample {state.sample_in_epoch} "
             f"of the epoch (written by {self._saved_world(found)} process(es)); {lost} step(s) lost since that "
             "checkpoint", env)
         return state
+
+    def _local_state(self, data: bytes | None, found: Resume) -> tuple[bytes, list[int]]:
+        """All ranks: the bytes of rank 0's chosen local copy, and the ranks that got them from rank 0. Rank 0 read
+        and verified its own; each other rank takes its machine's copy if it has those bytes, and the ranks whose
+        machine has none (another node, a new VM) receive rank 0's over the process group instead of the whole
+        job falling back to the durable store (docs/design.md, "The node-local tier")."""
+        if not self.env.is_main:
+            data = self.local.copy_of(found.url, found.manifest) if self.local is not None else None
+        peers = [rank for rank, lacks in enumerate(dist.gather(data is None, self.env)) if lacks]
+        if not peers:
+            return data, peers
+        t0 = time.perf_counter()
+        data = share_from_rank0(data, peers, self.env, self.cfg.dist.timeout_s)
+        bad = self.env.rank in peers and not matches(data, found.manifest["files"]["state.pt"])
+        if dist.any_rank([bad], self.env)[0]:  # all raise alike, or the others would wait in the next collective
+            raise CheckpointError(f"the state.pt of {found.url} that rank 0 sent arrived damaged on rank "
+                                  f"{self.env.rank if bad else 'another'} (sha256 mismatch); run the command again")
+        log(f"rank(s) {', '.join(map(str, peers))} had no copy of {found.url} on their machine: restored from "
+            f"rank 0's ({len(data)} bytes sent in {time.perf_counter() - t0:.2f}s)", self.env)
+        return data, peers
 
     def _check_compatible(self, found: Resume) -> list[drift.Change]:
         """Refuse changes to what trains (one line listing each) unless allowed; return the allowed ones."""
@@ -580,6 +604,23 @@ def load_shards(job: Job, store: CheckpointStore, info) -> None:
     sharded.load_shards(store, info, target)
     set_model_state_dict(job.model, target["model"])
     set_optimizer_state_dict(job.model, job.optimizer, target["optimizer"], options=StateDictOptions(strict=False))
+
+
+def share_from_rank0(data: bytes | None, ranks: list[int], env: DistEnv, timeout_s: float) -> bytes | None:
+    """All ranks call this: rank 0's `data` on `ranks`, over a gloo group of rank 0 and those ranks only (ranks that
+    have the bytes already are not sent them; gloo, so the bytes never need to go through a GPU)."""
+    members = [0, *ranks]
+    group = tdist.new_group(members, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    if env.rank not in members:
+        return data
+    try:
+        size = dist.broadcast(len(data) if env.is_main else None, env, group)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if env.is_main  # writable: no warning
+               else torch.empty(size, dtype=torch.uint8))
+        tdist.broadcast(buf, src=0, group=group)
+        return data if env.is_main else buf.numpy().tobytes()
+    finally:
+        tdist.destroy_process_group(group)
 
 
 def yield_to_training() -> None:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import RunConfig
 from .console import log, warn
-from .dist import DistEnv
+from .dist import DistEnv, fsdp_blocks
 from .errors import RunnerError, one_line
 from .events import EventLog
 from .store import CheckpointStore
@@ -40,16 +40,35 @@ RECOMPILE_LIMIT = 64
 def compile_model(model: torch.nn.Module, wrapped: torch.nn.Module, cfg: RunConfig) -> None:
     """Compile `model` (what evaluation runs) and, under DDP, its wrapper too, as PyTorch documents for DDP
     (compiling the DDP module lets it split the graph at bucket boundaries, so the all-reduce overlaps backward).
-    Each is compiled once; a wrapper rebuilt for a new phase is compiled again. Under FSDP2 the sharded root
-    is `model` itself: dynamo runs FSDP's hooks eagerly (torch._dynamo.config.skip_fsdp_hooks)."""
+    Each is compiled once; a wrapper rebuilt for a new phase is compiled again. Under dist.strategy fsdp the
+    blocks were compiled before sharding (compile_blocks) and the root stays eager."""
+    if cfg.dist.strategy == "fsdp":
+        return
+    for module in (model, wrapped) if isinstance(wrapped, DistributedDataParallel) else (model,):
+        compile_once(module, cfg)
+
+
+def compile_blocks(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Module]:
+    """dist.strategy fsdp: each block (dist.fsdp_blocks, the units FSDP shards) compiled on its own, after
+    activation checkpointing and before fully_shard, in torchtitan's order: blocks of one class share one graph
+    (compiled once), FSDP's all-gathers and reduce-scatters run between compiled blocks instead of breaking one
+    graph of the whole model, and dynamo runs FSDP's hooks eagerly (torch._dynamo.config.skip_fsdp_hooks).
+    In place like compile_model, so the sharded state_dict keys stay the plain module's. A model without blocks
+    is compiled whole."""
+    blocks = fsdp_blocks(model, cfg.dist.fsdp_blocks) or [model]
+    for block in blocks:
+        compile_once(block, cfg)
+    return blocks
+
+
+def compile_once(module: torch.nn.Module, cfg: RunConfig) -> None:
+    """module.compile(): torch.compile of its call, in place (no OptimizedModule, no `_orig_mod.`)."""
     c = cfg.train.compile
-    options = {"mode": c.mode, "dynamic": c.dynamic, "fullgraph": c.fullgraph, "options": c.options or None}
     # Past dynamo's recompile limit (8 graphs per code object: shapes, train/eval, phases) it runs eagerly from then
     # on, at a point that depends on what this process saw before, which a resumed process may not: raised.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for module in (model, wrapped) if isinstance(wrapped, DistributedDataParallel) else (model,):
-        if getattr(module, "_compiled_call_impl", None) is None:
-            module.compile(**options)
+    if getattr(module, "_compiled_call_impl", None) is None:
+        module.compile(mode=c.mode, dynamic=c.dynamic, fullgraph=c.fullgraph, options=c.options or None)
 
 
 class CompileClock:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import dist, finetune, tuning
+from .compiler import compile_blocks
 from .components import build_loss, build_model, build_optimizer, build_scheduler, build_step
 from .config import RunConfig
 from .data import Datasets, build_datasets
@@ -49,6 +50,8 @@ def build_job(cfg: RunConfig, env: DistEnv) -> Job:
     model.to(env.device)
     tuning.apply(model, cfg, env)  # before sharding: FSDP2 shards the blocks as they recompute
     if cfg.dist.strategy == "fsdp":
+        if cfg.train.compile.enabled:
+            compile_blocks(model, cfg)  # each block before fully_shard shards it (torchtitan's order)
         model = dist.shard(model, cfg.dist, env, cfg.train.precision)  # before the optimizer: it holds the shards
         if data.val is not None and len(data.val) < env.world_size:  # each rank's forwards are collectives
             raise ConfigError(f"data: the validation set has {len(data.val)} sample(s), fewer than the "

@@ -18,18 +18,34 @@ import pytest
 import torch
 
 from helpers import (assert_tensors_equal, kill_everything, launched, merge, newest_state, ok, run_cli, runner_cmd,
-                     run_torchrun, torchrun_cmd, write_job)
+                     run_torchrun, text_corpus, torchrun_cmd, write_job)
 from runner.compiler import ARCHIVE, CACHE, CompileCache, pack, signature
 from runner.config import load_config
 from runner.dist import DistEnv
 from runner.events import EventLog
-from runner.store import MANIFEST, CheckpointStore
+from runner.job import build_job
+from runner.loop import enter_phase
+from runner.store import MANIFEST, CheckpointStore, sharded
 
 COMPILED = {"train": {"compile": True}, "checkpoint": {"every_steps": 10, "keep_last": 0}}
 KILL_AT, RESUME_AT = 57, 50  # epoch 2 of 45-step epochs; the last checkpoint before it
 KILL_AT_2, RESUME_AT_2 = 33, 30  # 2 ranks: 23-step epochs
 ONE_THREAD = {"OMP_NUM_THREADS": 1}
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# An MLP on 200 samples: batches of 32 and an epoch's last one of 8.
+MLP = {"model": {"name": "mlp", "args": {"hidden": [32]}},
+       "data": {"name": "synthetic", "args": {"shape": [8], "num_classes": 3, "size": 200, "val_size": 40},
+                "batch_size": 32},
+       "optim": {"name": "AdamW", "lr": 0.01},
+       "train": {"max_epochs": 3, "seed": 0, "progress": "plain"},
+       "checkpoint": {"every_steps": 3, "keep_last": 0}}
+# Sharded on 2 ranks: 240 windows of 16 tokens, 2 × 4 × 2 accumulated a step, 15 steps an epoch.
+FSDP_GPT = {"model": {"name": "gpt", "args": {"layers": 2, "heads": 2, "width": 32, "dropout": 0.1}},
+            "data": {"name": "text", "batch_size": 4, "args": {"context": 16}},
+            "optim": {"name": "AdamW", "lr": 3.0e-3},
+            "train": {"max_epochs": 2, "accumulate": 2, "seed": 0, "progress": "plain"},
+            "dist": {"strategy": "fsdp"}, "preemption": {"notice": "off"}}
+KILL_AT_FSDP, RESUME_AT_FSDP = 25, 20
 
 
 def events(out_dir: Path, event: str) -> list[dict]:
@@ -37,10 +53,11 @@ def events(out_dir: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def train_a(folder: Path, nproc: int = 1) -> SimpleNamespace:
-    job = write_job(folder, "a", **COMPILED)
+def train_a(folder: Path, nproc: int = 1, job: dict = COMPILED) -> SimpleNamespace:
+    """Run A: write_job(**job), uninterrupted."""
+    job = write_job(folder, "a", **job)
     out = ok(run_torchrun("train", job, nproc=nproc) if nproc > 1 else run_cli("train", job, env=ONE_THREAD))
-    state, manifest = newest_state(folder / "a" / "checkpoints")
+    state, manifest = final_state(folder / "a" / "checkpoints")
     return SimpleNamespace(job=job, out=out, dir=folder / "a", state=state, manifest=manifest,
                            metrics=(folder / "a" / "metrics.jsonl").read_text())
 
@@ -55,6 +72,27 @@ def ddp_a(tmp_path_factory):
     return train_a(tmp_path_factory.mktemp("compiled-ddp"), nproc=2)
 
 
+@pytest.fixture(scope="module")
+def fsdp_job(tmp_path_factory) -> dict:
+    corpus = text_corpus(tmp_path_factory.mktemp("corpus"), 4_280)
+    return {"base": merge(FSDP_GPT, {"data": {"args": {"path": corpus}}}), **COMPILED}
+
+
+@pytest.fixture(scope="module")
+def fsdp_a(tmp_path_factory, fsdp_job):
+    return train_a(tmp_path_factory.mktemp("compiled-fsdp"), nproc=2, job=fsdp_job)
+
+
+def final_state(ckpt_dir: Path) -> tuple[dict, dict]:
+    """newest_state, with a sharded checkpoint's model and optimizer gathered whole from every rank's shards."""
+    state, manifest = newest_state(ckpt_dir)
+    if sharded.SHARDED in manifest:
+        store = CheckpointStore(str(ckpt_dir))
+        info = store.latest_valid()
+        state = {**state, **{part: sharded.read_full(store, info, part) for part in ("model", "optimizer")}}
+    return state, manifest
+
+
 def warm_cache(a: SimpleNamespace, tmp_path: Path) -> dict:
     """The environment of a run that finds A's compiled kernels in its own (user-set) cache directory."""
     target = tmp_path / "inductor-cache"
@@ -63,7 +101,7 @@ def warm_cache(a: SimpleNamespace, tmp_path: Path) -> dict:
 
 
 def assert_same_run(a: SimpleNamespace, out_dir: Path) -> None:
-    state, manifest = newest_state(out_dir / "checkpoints")
+    state, manifest = final_state(out_dir / "checkpoints")
     for section in ("model", "optimizer", "scheduler"):
         assert_tensors_equal(a.state[section], state[section], section)
     assert_tensors_equal(a.state, state, "state")
@@ -93,13 +131,23 @@ def kill_at(cmd: list[str], out_dir: Path, log: Path, step: int, **env) -> None:
 
 # --- exact resume ----------------------------------------------------------------------------------------------
 
-def killed_and_resumed(a: SimpleNamespace, tmp_path: Path, nproc: int, step: int) -> str:
-    """A's job run again with A's kernels at hand, SIGKILLed after `step`, then the same command; its output."""
-    job = write_job(tmp_path, "b", **COMPILED)
+def killed(a: SimpleNamespace, tmp_path: Path, nproc: int, step: int, job: dict = COMPILED) -> tuple[Path, dict]:
+    """A's job (write_job(**job)) run again as B with A's kernels at hand, SIGKILLed after `step`: (B's job file,
+    its environment)."""
+    job = write_job(tmp_path, "b", **job)
     env = warm_cache(a, tmp_path)
     cmd = torchrun_cmd("train", job) if nproc > 1 else runner_cmd("train", job)
     kill_at(cmd, tmp_path / "b", tmp_path / "b1.log", step, **env)
-    return ok(run_torchrun("train", job, env=env) if nproc > 1 else run_cli("train", job, env=env))
+    return job, env
+
+
+def train(job: Path, env: dict, nproc: int = 1) -> str:
+    return ok(run_torchrun("train", job, env=env, nproc=nproc) if nproc > 1 else run_cli("train", job, env=env))
+
+
+def killed_and_resumed(a: SimpleNamespace, tmp_path: Path, nproc: int, step: int, job: dict = COMPILED) -> str:
+    """killed, then the same command; its output."""
+    return train(*killed(a, tmp_path, nproc, step, job), nproc)
 
 
 @pytest.mark.slow
@@ -151,12 +199,7 @@ def test_automatic_dynamic_shapes_resume_within_the_documented_tolerance(tmp_pat
     than the uninterrupted one did (which graph a shape gets depends on the shapes seen before), so the promise is
     float rounding, not bits: weights within 1e-4 relative. An MLP on 200 samples: batches of 32 and a last one of 8,
     so the second shape turns the batch dimension dynamic in one process and not yet in the other."""
-    base = {"model": {"name": "mlp", "args": {"hidden": [32]}},
-            "data": {"name": "synthetic", "args": {"shape": [8], "num_classes": 3, "size": 200, "val_size": 40},
-                     "batch_size": 32},
-            "optim": {"name": "AdamW", "lr": 0.01},
-            "train": {"compile": {"dynamic": None}, "max_epochs": 3, "seed": 0, "progress": "plain"},
-            "checkpoint": {"every_steps": 3, "keep_last": 0}}
+    base = merge(MLP, {"train": {"compile": {"dynamic": None}}})
     env = {**ONE_THREAD, "TORCHINDUCTOR_CACHE_DIR": tmp_path / "inductor-cache"}
     ok(run_cli("train", write_job(tmp_path, "a", base=base), env=env))
     job = write_job(tmp_path, "b", base=base)
@@ -167,6 +210,44 @@ def test_automatic_dynamic_shapes_resume_within_the_documented_tolerance(tmp_pat
     b, _ = newest_state(tmp_path / "b" / "checkpoints")
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_max_autotune_resumes_bit_identically_on_a_cpu_even_without_the_compile_cache(tmp_path):
+    """README, "Compiled training": on a CPU a training matmul has one candidate kernel (inductor's C++ GEMM
+    template needs constant weights, as in inference), so max-autotune picks the same kernels in every launch.
+    The resumed process here compiles from nothing: an empty local cache and the store's copy removed."""
+    job = {"base": merge(MLP, {"data": {"args": {"size": 192, "val_size": 32}}}),  # one shape: fewer compiles
+           "train": {"compile": {"mode": "max-autotune"}, "max_epochs": 2}}  # 6 steps an epoch
+    a = train_a(tmp_path, job=job)
+    b, _ = killed(a, tmp_path, 1, 10, job)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / CACHE, ignore_errors=True)
+    out = train(b, {**ONE_THREAD, "TORCHINDUCTOR_CACHE_DIR": tmp_path / "empty"})
+    assert f"step-{9:09d}" in out, out[-3000:]  # mid-epoch 2
+    assert events(tmp_path / "b", "compile_cache")[-1]["source"] == "none"
+    assert events(tmp_path / "b", "compiled")[-1]["graph_cache_misses"] > 0  # it compiled (and autotuned) again
+    assert_same_run(a, tmp_path / "b")
+
+
+# --- under fsdp ------------------------------------------------------------------------------------------------
+
+def test_under_fsdp_each_block_is_compiled_on_its_own_and_the_root_is_not(tmp_path, fsdp_job):
+    """torchtitan's order: the blocks compiled before FSDP shards them, the root (embeddings, head) eager."""
+    job = build_job(load_config(write_job(tmp_path, **fsdp_job)), DistEnv(0, 0, 1, torch.device("cpu")))
+    enter_phase(job, -1)
+    assert [b._compiled_call_impl is not None for b in job.model.blocks] == [True, True]
+    assert job.model._compiled_call_impl is None
+    assert not any("_orig_mod" in key for key in job.model.state_dict())
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_compiled_run_resumes_bit_identically_after_sigkill(fsdp_a, fsdp_job, tmp_path):
+    assert fsdp_a.manifest["world_size"] == 2 and sharded.SHARDED in fsdp_a.manifest
+    assert not any("_orig_mod" in key for key in fsdp_a.state["model"])
+    assert events(fsdp_a.dir, "compiled")[-1]["compilations"] > 0
+    out = killed_and_resumed(fsdp_a, tmp_path, 2, KILL_AT_FSDP, fsdp_job)
+    assert f"step-{RESUME_AT_FSDP:09d}" in out, out[-3000:]
+    assert_same_run(fsdp_a, tmp_path / "b")
 
 
 # --- the compile cache -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.console import warn
 from runner.store.directory import CheckpointInfo, CheckpointStore, Payload
-from runner.store.manifest import MANIFEST, run_id_of
+from runner.store.manifest import run_id_of, stored_object
 
 KEEP = 2  # local copies kept: the newest, and the one before it while the newest is written
 
@@ -40,12 +40,15 @@ class LocalTier:
                 shutil.copyfileobj(f, out, 1 << 20)
         return write
 
-    def holds(self, url: str) -> bool:
-        return url.startswith(self.url + "/")
-
-    def has(self, url: str) -> bool:
-        """This machine has the checkpoint `url` of the local tier (every rank asks before all load it)."""
-        return (Path(url) / MANIFEST).is_file()
+    def copy_of(self, url: str, manifest: dict) -> bytes | None:
+        """This machine's copy of the local checkpoint `url` that rank 0 chose (the same step directory under this
+        rank's own local_dir), if its state.pt is the one `manifest` lists; None: it must come from rank 0."""
+        entry = manifest["files"]["state.pt"]
+        try:
+            data = (self.root / url.rstrip("/").rsplit("/", 1)[-1] / stored_object("state.pt", entry)).read_bytes()
+        except OSError:  # a new VM, or a node rank 0 never ran on
+            return None
+        return data if matches(data, entry) else None
 
     def latest(self, durable: CheckpointInfo | None) -> tuple[CheckpointInfo, bytes] | None:
         """The newest local copy that verifies, of the durable newest's lineage and at least as new; None: use
@@ -71,3 +74,8 @@ class LocalTier:
     def forget(self) -> None:
         """The run is finished: its durable checkpoint is the one that counts."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def matches(data: bytes, entry: dict) -> bool:
+    """`data` are the bytes a manifest entry lists (size and sha256)."""
+    return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
