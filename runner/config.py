@@ -258,6 +258,9 @@ class WatchdogConfig:
     """Allowance for the first step, compilation, and an epoch's or an evaluation's first batch."""
     save_s: float = 900.0
     """Allowance while a save blocks training (the snapshot, or waiting for the previous write)."""
+    gil_s: float = 120.0
+    """When even the watchdog's thread cannot run this long (a C call holding the GIL), faulthandler's own timer
+    prints every thread's stack to stderr and exits 1."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 RUNNER_TEST_FAIL_AT_STEP="STEP[:RANK]"   raise after optimizer step STEP on RANK (default 0)
 RUNNER_TEST_HANG_AT_STEP="STEP[:RANK]"   sleep forever after that step (a hung peer)
+RUNNER_TEST_HOLD_GIL_AT_STEP="STEP[:RANK]" sleep forever in a C call that keeps the GIL (no Python thread runs)
 RUNNER_TEST_SIGNAL_AT_STEP="STEP[:RANK]" send SIGTERM to this process after that step (a stop that lands
                                           exactly on a given step)
 RUNNER_TEST_FAIL_COMMIT_STEP=STEP        the checkpoint writer's commit of that step raises a transient OSError
@@ -32,7 +33,7 @@ def inject_fault(step: int, env) -> None:
     global _step
     _step = step
     for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang"),
-                        ("RUNNER_TEST_SIGNAL_AT_STEP", "signal")):
+                        ("RUNNER_TEST_HOLD_GIL_AT_STEP", "hold_gil"), ("RUNNER_TEST_SIGNAL_AT_STEP", "signal")):
         spec = os.environ.get(var)
         if not spec:
             continue
@@ -44,6 +45,10 @@ def inject_fault(step: int, env) -> None:
         if action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        if action == "hold_gil":
+            import ctypes
+
+            ctypes.PyDLL(None).sleep(3600)  # PyDLL: libc's sleep, called without releasing the GIL
         while True:
             time.sleep(3600)
 

@@ -9,6 +9,10 @@ The activity comes from the launch's timers (events.Timers), which the loop alre
 rank writes every thread's Python stack (faulthandler) to <out_dir>/hangs/, says in one line which rank hung where,
 and exits HANG_EXIT, which torchrun's --max-restarts turns into a restart of the group from the last checkpoint.
 
+A thread that cannot run at all (a C call that never releases the GIL) cannot fire: each time it wakes it re-arms
+faulthandler's timer, a C thread that needs no GIL, so after `watchdog.gil_s` without a wake that timer prints
+every thread's stack to stderr and exits 1 (a restart too).
+
 Under torchrun every rank's thread also publishes its progress to the rendezvous store 4 times a second; the rank that
 fires first reads the others', so a rank waiting in a collective for a peer that is stopped (SIGSTOP), gone or
 behind names that peer, not itself.
@@ -47,6 +51,7 @@ class Watchdog:
         self.peers = Peers(rank, world_size) if world_size > 1 else None
         self.thread = threading.Thread(target=self._watch, name="runner-watchdog", daemon=True)
         if cfg.enabled:
+            faulthandler.dump_traceback_later(cfg.gil_s, exit=True)  # armed before the first step; see _watch
             self.thread.start()
 
     # --- the training thread ---------------------------------------------------------------------------------
@@ -68,6 +73,7 @@ class Watchdog:
 
     def close(self) -> None:
         self.stopped.set()
+        faulthandler.cancel_dump_traceback_later()  # and the thread's own at its next wake, if it re-armed
 
     # --- the watchdog thread ---------------------------------------------------------------------------------
 
@@ -84,12 +90,14 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self.stopped.wait(PUBLISH_S):
+            faulthandler.dump_traceback_later(self.cfg.gil_s, exit=True)  # fires only if this thread stops waking
             activity = self.events.timers.activity
             quiet = time.monotonic() - self.last_beat
             if self.peers is not None:
                 self.peers.publish(self.step, self.beats, activity)
             if quiet > self.allowance(activity) and not self.stopped.is_set():
                 self.fire(activity, quiet)
+        faulthandler.cancel_dump_traceback_later()
 
     def fire(self, activity: str, quiet: float) -> None:
         """Stacks and one line, then exit: the process may be stuck anywhere, so nothing here waits on it."""

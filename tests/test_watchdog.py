@@ -53,6 +53,18 @@ def test_a_hung_process_writes_every_threads_stack_and_exits_76(tmp_path):
     assert hang and hang[0]["step"] == 5 and hang[0]["activity"] == "productive"
 
 
+def test_a_rank_holding_the_gil_in_c_is_ended_by_faulthandlers_timer(tmp_path):
+    """A C call that never releases the GIL starves the watchdog's own thread, so it cannot fire: the faulthandler
+    timer it re-arms at each wake (a C thread) prints the stacks and exits 1 after watchdog.gil_s."""
+    job = write_job(tmp_path, "job", base=JOB, watchdog={**QUICK, "gil_s": 3}, data={"num_workers": 0})
+    started = time.monotonic()
+    proc = run_cli("train", job, env={"RUNNER_TEST_HOLD_GIL_AT_STEP": 5, "OMP_NUM_THREADS": 1})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.monotonic() - started < 90
+    assert "Timeout (0:00:03)!" in proc.stderr and "inject_fault" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "job" / "hangs").exists()  # the watchdog's thread never ran to write its report
+
+
 def test_a_long_evaluation_or_a_slow_save_is_not_a_hang(tmp_path):
     """Evaluation batches of 0.5 s (6 s in all) and saves of 4 s that the next save waits for, with a 2 s floor:
     evaluation learns its own batch time, and a blocked save has its own allowance."""
