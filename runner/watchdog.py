@@ -51,7 +51,7 @@ class Watchdog:
         self.peers = Peers(rank, world_size) if world_size > 1 else None
         self.thread = threading.Thread(target=self._watch, name="runner-watchdog", daemon=True)
         if cfg.enabled:
-            faulthandler.dump_traceback_later(cfg.gil_s, exit=True)  # armed before the first step; see _watch
+            arm_gil_timer(cfg.gil_s)  # before the first step; see _watch
             self.thread.start()
 
     # --- the training thread ---------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class Watchdog:
 
     def close(self) -> None:
         self.stopped.set()
-        faulthandler.cancel_dump_traceback_later()  # and the thread's own at its next wake, if it re-armed
+        arm_gil_timer(None)  # and the thread disarms at its next wake, if it re-armed
 
     # --- the watchdog thread ---------------------------------------------------------------------------------
 
@@ -90,14 +90,14 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self.stopped.wait(PUBLISH_S):
-            faulthandler.dump_traceback_later(self.cfg.gil_s, exit=True)  # fires only if this thread stops waking
+            arm_gil_timer(self.cfg.gil_s)  # fires only if this thread stops waking
             activity = self.events.timers.activity
             quiet = time.monotonic() - self.last_beat
             if self.peers is not None:
                 self.peers.publish(self.step, self.beats, activity)
             if quiet > self.allowance(activity) and not self.stopped.is_set():
                 self.fire(activity, quiet)
-        faulthandler.cancel_dump_traceback_later()
+        arm_gil_timer(None)
 
     def fire(self, activity: str, quiet: float) -> None:
         """Stacks and one line, then exit: the process may be stuck anywhere, so nothing here waits on it."""
@@ -121,6 +121,44 @@ class Watchdog:
         self.events.emit("hang", step=self.step, rank=self.rank, activity=activity, quiet_s=round(quiet, 1),
                          waiting_for=waiting_for, stacks=str(path))
         os._exit(HANG_EXIT)
+
+
+_gil_timer = threading.Lock()  # held across a fork (_before_fork)
+_gil_timer_s: float | None = None
+
+
+def arm_gil_timer(seconds: float | None) -> None:
+    """(Re)start faulthandler's timer: stacks to stderr and exit 1 in `seconds` unless re-armed; None: stop it."""
+    global _gil_timer_s
+    with _gil_timer:
+        _gil_timer_s = seconds
+        if seconds is None:
+            faulthandler.cancel_dump_traceback_later()
+        else:
+            faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+def _before_fork() -> None:
+    """A forked child would inherit the timer armed but not its thread, and hang as it exits (CPython's faulthandler
+    waits for that thread): stopped around every fork, and restarted in the parent."""
+    _gil_timer.acquire()
+    if _gil_timer_s is not None:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def _after_fork_in_parent() -> None:
+    if _gil_timer_s is not None:
+        faulthandler.dump_traceback_later(_gil_timer_s, exit=True)
+    _gil_timer.release()
+
+
+def _after_fork_in_child() -> None:
+    global _gil_timer_s
+    _gil_timer_s = None
+    _gil_timer.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def describe(activity: str) -> str:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import pytest
 
 from fault_helpers import (JOB, assert_same_final_state, finish, last_step, reference, resumed, wait_until,
                            workers_by_rank)
-from helpers import launched, ok, run_cli, torchrun_cmd, write_job
+from helpers import launched, ok, run, run_cli, torchrun_cmd, write_job
 from runner.config import WatchdogConfig
 from runner.events import EventLog
 from runner.watchdog import HANG_EXIT, Watchdog
@@ -63,6 +64,16 @@ def test_a_rank_holding_the_gil_in_c_is_ended_by_faulthandlers_timer(tmp_path):
     assert time.monotonic() - started < 90
     assert "Timeout (0:00:03)!" in proc.stderr and "inject_fault" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "job" / "hangs").exists()  # the watchdog's thread never ran to write its report
+
+
+def test_a_process_forked_while_the_gil_timer_is_armed_exits_normally():
+    """CPython's faulthandler makes a forked child wait at exit for the timer thread it did not inherit: the timer
+    is stopped around each fork (user code, a tracker, a DataLoader worker that returns instead of os._exit)."""
+    script = ("import os, sys, time; from runner.watchdog import arm_gil_timer; arm_gil_timer(100); pid = os.fork()\n"
+              "if pid == 0: sys.exit(0)\n"
+              "os.waitpid(pid, 0); arm_gil_timer(None); print('child exited')")
+    proc = run([sys.executable, "-c", script], timeout=60)
+    assert proc.returncode == 0 and "child exited" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_a_long_evaluation_or_a_slow_save_is_not_a_hang(tmp_path):
