@@ -123,6 +123,7 @@ class Watchdog:
         os._exit(HANG_EXIT)
 
 
+STDERR_FD = 2  # the process's, also where sys.stderr is replaced by an object without a file (pytest, Jupyter)
 _gil_timer = threading.Lock()  # held across a fork (_before_fork)
 _gil_timer_s: float | None = None
 
@@ -135,7 +136,7 @@ def arm_gil_timer(seconds: float | None) -> None:
         if seconds is None:
             faulthandler.cancel_dump_traceback_later()
         else:
-            faulthandler.dump_traceback_later(seconds, exit=True)
+            faulthandler.dump_traceback_later(seconds, exit=True, file=STDERR_FD)
 
 
 def _before_fork() -> None:
@@ -148,7 +149,7 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     if _gil_timer_s is not None:
-        faulthandler.dump_traceback_later(_gil_timer_s, exit=True)
+        faulthandler.dump_traceback_later(_gil_timer_s, exit=True, file=STDERR_FD)
     _gil_timer.release()
 
 
