@@ -40,8 +40,7 @@ from .interval import AutoInterval, lineage_history
 from .job import Job
 from .state import Staging, TrainState, capture, load_bytes, restore, serialize
 from .store import (LEASE, RETRY_ATTEMPTS, RETRY_BACKOFF_S, CheckpointStore, Lease, LocalTier, open_checkpoint,
-                    retry_transient, run_id_of, storage_errors, storage_fault)
-from .store.local import matches
+                    bytes_problem, retry_transient, run_id_of, storage_errors, storage_fault)
 from .test_hooks import fail_commit
 
 FORMAT = 2           # manifest format; 1 = written before lineages (no run_id), still resumable
@@ -233,7 +232,7 @@ class Checkpointer:
             return data, peers
         t0 = time.perf_counter()
         data = share_from_rank0(data, peers, self.env, self.cfg.dist.timeout_s)
-        bad = self.env.rank in peers and not matches(data, found.manifest["files"]["state.pt"])
+        bad = self.env.rank in peers and bytes_problem("state.pt", data, found.manifest["files"]["state.pt"])
         if dist.any_rank([bad], self.env)[0]:  # all raise alike, or the others would wait in the next collective
             raise CheckpointError(f"the state.pt of {found.url} that rank 0 sent arrived damaged on rank "
                                   f"{self.env.rank if bad else 'another'} (sha256 mismatch); run the command again")

@@ -7,7 +7,7 @@ from runner.store.directory import STEP_RE, CheckpointInfo, CheckpointStore, bes
 from runner.store.faults import RETRY_ATTEMPTS, RETRY_BACKOFF_S, retry_transient, storage_errors, storage_fault
 from runner.store.lease import LEASE, Lease, LeaseHeld, StoppedWaiting
 from runner.store.local import LocalTier
-from runner.store.manifest import LEGACY_RUN_ID, MANIFEST, run_id_of, score
+from runner.store.manifest import LEGACY_RUN_ID, MANIFEST, bytes_problem, run_id_of, score
 
 # Sharded (DCP) checkpoints, store/sharded.py: imported on first use, since torch.distributed.checkpoint takes
 # seconds to import and most users of the store (`runner ckpt ls`) never need it.
@@ -26,4 +26,4 @@ def __getattr__(name: str):
 
 __all__ = [*_SHARDED, "LEASE", "LEGACY_RUN_ID", "MANIFEST", "RETRY_ATTEMPTS", "RETRY_BACKOFF_S", "STEP_RE",
            "CheckpointInfo", "CheckpointStore", "Lease", "LeaseHeld", "LocalTier", "StoppedWaiting", "best_first",
-           "open_checkpoint", "retry_transient", "run_id_of", "score", "storage_errors", "storage_fault"]
+           "bytes_problem", "open_checkpoint", "retry_transient", "run_id_of", "score", "storage_errors", "storage_fault"]

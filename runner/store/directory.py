@@ -41,7 +41,8 @@ import fsspec
 from runner.console import warn
 from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, StorageError, one_line
 from runner.store.faults import is_storage_exc, retry_transient, storage_errors
-from runner.store.manifest import (MANIFEST, check_files, fresh_object, parse_manifest, run_id_of, score, size_problem,
+from runner.store.manifest import (MANIFEST, bytes_problem, check_files, fresh_object, parse_manifest, run_id_of, score,
+                                   size_problem,
                                    stored_object, unreferenced)
 
 SLOW_COMMIT_ENV = "RUNNER_TEST_SLOW_COMMIT_S"
@@ -507,9 +508,7 @@ class CheckpointStore:
             except FileNotFoundError:
                 raise CorruptCheckpoint(f"cannot read {url}: file missing; resume from another checkpoint",
                                         f"{name}: missing") from None
-        reason = (f"{name}: size {len(data)} != {entry['size']}" if len(data) != entry["size"] else
-                  f"{name}: sha256 mismatch" if hashlib.sha256(data).hexdigest() != entry["sha256"] else "")
-        if reason:
+        if reason := bytes_problem(name, data, entry):
             raise CorruptCheckpoint(f"{url} is corrupt ({reason}); delete it or resume from an earlier checkpoint",
                                     reason)
         return manifest, data

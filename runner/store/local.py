@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.console import warn
 from runner.store.directory import CheckpointInfo, CheckpointStore, Payload
-from runner.store.manifest import run_id_of, stored_object
+from runner.store.manifest import bytes_problem, run_id_of, stored_object
 
 KEEP = 2  # local copies kept: the newest, and the one before it while the newest is written
 
@@ -48,7 +48,7 @@ class LocalTier:
             data = (self.root / url.rstrip("/").rsplit("/", 1)[-1] / stored_object("state.pt", entry)).read_bytes()
         except OSError:  # a new VM, or a node rank 0 never ran on
             return None
-        return data if matches(data, entry) else None
+        return None if bytes_problem("state.pt", data, entry) else data
 
     def latest(self, durable: CheckpointInfo | None) -> tuple[CheckpointInfo, bytes] | None:
         """The newest local copy that verifies, of the durable newest's lineage and at least as new; None: use
@@ -74,8 +74,3 @@ class LocalTier:
     def forget(self) -> None:
         """The run is finished: its durable checkpoint is the one that counts."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def matches(data: bytes, entry: dict) -> bool:
-    """`data` are the bytes a manifest entry lists (size and sha256)."""
-    return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]

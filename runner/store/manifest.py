@@ -7,6 +7,7 @@ malformed one. Knows JSON and names, not storage. See docs/design.md, "Checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -77,6 +78,14 @@ def _entry_problem(name: str, entry: object) -> str:
     if not _plain_name(obj):
         return f"{name}: object {_short(obj)} is not a plain name"
     return ""
+
+
+def bytes_problem(name: str, data: bytes, entry: dict) -> str:
+    """Why `data` are not the bytes of the manifest entry `entry` for file `name` (size, then sha256); "" if they
+    are."""
+    if len(data) != entry["size"]:
+        return f"{name}: size {len(data)} != {entry['size']}"
+    return f"{name}: sha256 mismatch" if hashlib.sha256(data).hexdigest() != entry["sha256"] else ""
 
 
 def parse_manifest(blob: bytes, step: int | None) -> tuple[dict | None, str, str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import os
 import pathlib
@@ -62,7 +61,7 @@ from runner.errors import CheckpointError, CorruptCheckpoint, RunnerError, one_l
 from runner.store.directory import (_TMP_PREFIX, CheckpointInfo, CheckpointStore, HashingWriter, Payload,
                                     _step_name, _test_pause, _write_synced)
 from runner.store.faults import is_storage_exc, storage_errors
-from runner.store.manifest import check_files, fresh_object, size_problem
+from runner.store.manifest import bytes_problem, check_files, fresh_object, size_problem
 
 _ATTEMPT_RE = re.compile(r"[0-9a-f]{8,32}")
 _NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -268,9 +267,7 @@ class SafeFsspecReader(_OneAttempt, FsspecReader):
         with storage_errors("read", where):
             with self.fs.create_stream(self._get_metadata_path(), "rb") as f:
                 blob = f.read()
-        if self.expected is not None and (len(blob) != self.expected["size"]
-                                          or hashlib.sha256(blob).hexdigest() != self.expected["sha256"]):
-            reason = f"{self.metadata_name}: sha256 mismatch"
+        if self.expected is not None and (reason := bytes_problem(self.metadata_name, blob, self.expected)):
             raise CorruptCheckpoint(f"{where} is corrupt ({reason}); delete it or resume from an earlier checkpoint",
                                     reason)
         try:
