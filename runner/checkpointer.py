@@ -232,10 +232,11 @@ class Checkpointer:
             return data, peers
         t0 = time.perf_counter()
         data = share_from_rank0(data, peers, self.env, self.cfg.dist.timeout_s)
-        bad = self.env.rank in peers and bytes_problem("state.pt", data, found.manifest["files"]["state.pt"])
-        if dist.any_rank([bad], self.env)[0]:  # all raise alike, or the others would wait in the next collective
-            raise CheckpointError(f"the state.pt of {found.url} that rank 0 sent arrived damaged on rank "
-                                  f"{self.env.rank if bad else 'another'} (sha256 mismatch); run the command again")
+        problem = bytes_problem("state.pt", data, found.manifest["files"]["state.pt"]) if self.env.rank in peers else ""
+        if dist.any_rank([bool(problem)], self.env)[0]:  # all raise alike, or the others would wait in the next one
+            where = f"on rank {self.env.rank} ({problem})" if problem else "on another rank"
+            raise CheckpointError(f"the state.pt of {found.url} that rank 0 sent arrived damaged {where}; "
+                                  "run the command again")
         log(f"rank(s) {', '.join(map(str, peers))} had no copy of {found.url} on their machine: restored from "
             f"rank 0's ({len(data)} bytes sent in {time.perf_counter() - t0:.2f}s)", self.env)
         return data, peers
