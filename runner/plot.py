@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .events import EVENTS, json_lines, read_events
-from .report import lineage_launches
+from .report import launches_of, lineage_launches
 
 PANELS = (("loss", ("train_loss", "val_loss")), ("accuracy", ("train_acc", "val_acc")), ("learning rate", ("lr",)))
 
@@ -26,7 +26,7 @@ def read_history(path: Path) -> list[dict]:
 def marks(events: list[dict]) -> tuple[list[int], list[int]]:
     """(restart steps, preemption steps): each launch after the first at the step it resumed from, and each
     stop request at the step it was agreed on."""
-    _, launches = lineage_launches(events) if events else (None, [])
+    _, launches = lineage_launches(launches_of(events)) if events else (None, [])
     restarts = [r["step"] for launch in launches[1:] for r in launch if r["event"] == "resume"]
     stops = [r["step"] for launch in launches for r in launch
              if r["event"] == "stop_request" and isinstance(r.get("step"), int)]

@@ -126,11 +126,11 @@ def refused(launch: list[dict]) -> bool:
     return run_id_of(launch) is None and first_of(launch, "exit") is not None
 
 
-def lineage_launches(records: list[dict]) -> tuple[str | None, list[list[dict]]]:
-    """The current run id and its launches (each a list of records), in start order; refused launches are not
-    among them. A launch killed before it learnt its run id belongs to the run if it started after the run's
-    first launch."""
-    launches = [launch for launch in launches_of(records) if not refused(launch)]
+def lineage_launches(every_launch: list[list[dict]]) -> tuple[str | None, list[list[dict]]]:
+    """The current run id and its launches, of `every_launch` (launches_of's); refused launches are not among
+    them. A launch killed before it learnt its run id belongs to the run if it started after the run's first
+    launch."""
+    launches = [launch for launch in every_launch if not refused(launch)]
     ids = [run_id_of(launch) for launch in launches]
     known = [run_id for run_id in ids if run_id is not None]
     if not known:
@@ -142,14 +142,15 @@ def lineage_launches(records: list[dict]) -> tuple[str | None, list[list[dict]]]
 
 
 def build_report(records: list[dict]) -> Report:
-    run_id, launches = lineage_launches(records)
+    every_launch = launches_of(records)
+    run_id, launches = lineage_launches(every_launch)
     reports, previous_end = [], None
     for launch in launches:
         report = launch_report(launch, previous_end)
         previous_end = report.started + report.wall_s
         reports.append(report)
     intervals = [r for launch in launches for r in launch if r["event"] == "interval"]
-    return Report(run_id, reports, [refused_report(launch) for launch in launches_of(records) if refused(launch)],
+    return Report(run_id, reports, [refused_report(launch) for launch in every_launch if refused(launch)],
                   max(intervals, key=lambda r: r["time"]) if intervals else None)
 
 

@@ -439,14 +439,16 @@ class CheckpointStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def verify(self, info_or_url) -> CheckpointInfo:
-        """Full check: sizes and sha256 of every file listed in the manifest."""
+    def verify(self, info_or_url, skip: str | None = None) -> CheckpointInfo:
+        """Full check: sizes and sha256 of every file listed in the manifest (but `skip`, checked as it is read)."""
         info = self.info(info_or_url)
         if not info.valid:
             return info
         name, _ = self._locate(info)
         with storage_errors("verify checkpoint", info.url):
             for fname, entry in sorted(info.manifest["files"].items()):
+                if fname == skip:
+                    continue
                 try:
                     ok = self._sha256(f"{self._path(name)}/{stored_object(fname, entry)}") == entry["sha256"]
                 except FileNotFoundError:
@@ -469,21 +471,22 @@ class CheckpointStore:
         """The newest checkpoint whose `name` matches its manifest, with those bytes. Reading is the check, so
         a large checkpoint is downloaded once, not once to verify and again to load. Only an invalid or corrupt
         checkpoint is skipped for an older one: a transient storage error is retried and then raised
-        (StorageUnavailable), so that a network blip never rolls a run back to an older checkpoint. A sharded
-        checkpoint's other files (every rank's shards) are verified too, before it is chosen."""
+        (StorageUnavailable), so that a network blip never rolls a run back to an older checkpoint."""
         for info in reversed(retry_transient(self.list, f"listing {self.url}")):
             reason = info.reason
             if info.valid and name not in info.manifest["files"]:
                 reason = f"{name}: not in its manifest"
-            elif info.valid and "sharded" in info.manifest and not (
-                    checked := retry_transient(functools.partial(self.verify, info), f"verifying {info.url}")).valid:
-                reason = checked.reason
             elif info.valid:
                 try:
-                    return info, retry_transient(functools.partial(self.read, info, name),
-                                                 f"reading {info.url}/{name}")
+                    data = retry_transient(functools.partial(self.read, info, name), f"reading {info.url}/{name}")
                 except CorruptCheckpoint as e:
                     reason = e.reason
+                else:  # a sharded checkpoint's shards are verified too, before it is chosen
+                    checked = (retry_transient(functools.partial(self.verify, info, skip=name), f"verifying {info.url}")
+                               if "sharded" in info.manifest else info)
+                    if checked.valid:
+                        return info, data
+                    reason = checked.reason
             warn(f"skipping checkpoint {info.url}: {reason}; falling back to an earlier one")
         return None
 
