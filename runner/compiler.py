@@ -1,8 +1,10 @@
 """train.compile: torch.compile of the model runner trains, the compiler's time on its own clock, and a compile
 cache that travels with the checkpoints (docs/design.md, "Compiled training").
 
-The model is compiled in place (nn.Module.compile), so its state_dict keys stay those of the plain module:
-checkpoints, init_from, export, summary and the drift rule never see `_orig_mod.` or a wrapper.
+In one process with runner's own step, the step (the model's forward, the loss and the correct count) is compiled
+as one function; a user's train.step and DDP get the model compiled in place (nn.Module.compile), fsdp its blocks.
+Either way the module is never wrapped, so its state_dict keys stay those of the plain module: checkpoints,
+init_from, export, summary and the drift rule never see `_orig_mod.` or a wrapper.
 
 The cache is inductor's own cache directory (generated kernels, compiled code, FX and AOT graphs), which runner
 points at a folder it controls and carries to the store as one archive beside the checkpoints; torch's portable
@@ -27,6 +29,7 @@ from .console import log, warn
 from .dist import DistEnv, fsdp_blocks
 from .errors import RunnerError, one_line
 from .events import EventLog
+from .step import RunnerStep, Step
 from .store import CheckpointStore
 
 CACHE = "compile-cache"  # the side directory on the store, and the folder under out_dir
@@ -37,15 +40,21 @@ SKIPPED = {"locks", "precompiled_headers"}
 RECOMPILE_LIMIT = 64
 
 
-def compile_model(model: torch.nn.Module, wrapped: torch.nn.Module, cfg: RunConfig) -> None:
-    """Compile `model` (what evaluation runs) and, under DDP, its wrapper too, as PyTorch documents for DDP
-    (compiling the DDP module lets it split the graph at bucket boundaries, so the all-reduce overlaps backward).
-    Each is compiled once; a wrapper rebuilt for a new phase is compiled again. Under dist.strategy fsdp the
-    blocks were compiled before sharding (compile_blocks) and the root stays eager."""
+def compile_model(model: torch.nn.Module, wrapped: torch.nn.Module, step: Step, cfg: RunConfig) -> None:
+    """In one process with runner's own step: the step, the model's forward with the loss and the correct count,
+    as one graph (RunnerStep.compile). Otherwise `model` (what evaluation runs) and, under DDP, its wrapper too, as
+    PyTorch documents for DDP (compiling the DDP module lets it split the graph at bucket boundaries, so the
+    all-reduce overlaps backward). Each is compiled once; a wrapper rebuilt for a new phase is compiled again.
+    Under dist.strategy fsdp the blocks were compiled before sharding (compile_blocks) and the root stays eager."""
     if cfg.dist.strategy == "fsdp":
         return
-    for module in (model, wrapped) if isinstance(wrapped, DistributedDataParallel) else (model,):
-        compile_once(module, cfg)
+    if isinstance(wrapped, DistributedDataParallel):
+        for module in (model, wrapped):
+            compile_once(module, cfg)
+    elif isinstance(step, RunnerStep):
+        step.compile(compile_options(cfg))
+    else:
+        compile_once(model, cfg)
 
 
 def compile_blocks(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Module]:
@@ -63,12 +72,17 @@ def compile_blocks(model: torch.nn.Module, cfg: RunConfig) -> list[torch.nn.Modu
 
 def compile_once(module: torch.nn.Module, cfg: RunConfig) -> None:
     """module.compile(): torch.compile of its call, in place (no OptimizedModule, no `_orig_mod.`)."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        module.compile(**compile_options(cfg))
+
+
+def compile_options(cfg: RunConfig) -> dict:
+    """torch.compile's arguments from train.compile."""
     c = cfg.train.compile
     # Past dynamo's recompile limit (8 graphs per code object: shapes, train/eval, phases) it runs eagerly from then
     # on, at a point that depends on what this process saw before, which a resumed process may not: raised.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if getattr(module, "_compiled_call_impl", None) is None:
-        module.compile(mode=c.mode, dynamic=c.dynamic, fullgraph=c.fullgraph, options=c.options or None)
+    return {"mode": c.mode, "dynamic": c.dynamic, "fullgraph": c.fullgraph, "options": c.options or None}
 
 
 class CompileClock:

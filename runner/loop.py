@@ -10,7 +10,7 @@ import math
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from .job import Job, build_job
 from .records import StepRecord, write_history
 from .state import TrainState
 from .trackers import Trackers, launch_line
-from .test_hooks import count_host_syncs, dump_weights, inject_fault, slow_eval_batch
+from .test_hooks import count_host_syncs, dump_weights, inject_fault, planned_faults, slow_eval_batch
 from .watchdog import Watchdog
 
 EPOCH_END, MAX_STEPS, PREEMPTED, EARLY_STOP = "epoch end", "max steps", "preempted", "early stop"
@@ -47,6 +47,7 @@ class Launch:
     ckpt: Checkpointer | None = None
     compile_cache: CompileCache | None = None
     watchdog: Watchdog | None = None
+    faults: dict = field(default_factory=dict)  # test_hooks.planned_faults
     finished: bool = False  # this launch ended the run (the trackers log its summary)
 
 
@@ -62,6 +63,7 @@ def train(cfg: RunConfig) -> int:
     env = dist.setup(cfg.dist, cfg.train.device)
     dist.set_deterministic(env.device, cfg.train.deterministic)
     count_host_syncs(env.rank)
+    launch.faults = planned_faults(env.rank)
     handlers = preemption.install(cfg.preemption.extra_signal, cfg.preemption.grace_s)
     launch.notices = preemption.NoticeStop(cfg.preemption, launch.events,
                                            last_save_s=lambda: launch.ckpt.last_save_took_s if launch.ckpt else None)
@@ -207,7 +209,7 @@ def end_step(job: Job, ckpt: Checkpointer, launch: Launch, state: TrainState, ba
     launch.watchdog.beat(state.step)
     if launch.compile_cache is not None:
         launch.compile_cache.save_if_grown()
-    inject_fault(state.step, job.env)
+    inject_fault(state.step, job.env.rank, launch.faults)
     if state.step % cfg.train.log_every_steps == 0:
         loss = running_loss(job, ckpt, state)
         bar.show(loss)
@@ -379,7 +381,7 @@ def enter_phase(job: Job, index: int) -> None:
         # DDP registers only parameters that require grad when it is built: rebuild so unfrozen ones sync.
         job.wrapped, job.phase = dist.wrap(job.model, job.env), index
         if job.cfg.train.compile.enabled:
-            compile_model(job.model, job.wrapped, job.cfg)
+            compile_model(job.model, job.wrapped, job.step_fn, job.cfg)
         if index >= 0:
             log(f"phase {index + 1}/{len(job.phases)}: training {', '.join(job.phases[index].train)}", job.env)
     finetune.set_train_mode(job.model, job.phases, index, head, job.cfg.finetune.freeze_bn)

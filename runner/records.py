@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -14,11 +15,12 @@ def write_history(path: Path, history: list[dict]) -> None:
 class StepRecord:
     """<out_dir>/last_step: the step rank 0 last reached, so the next start can say how many steps a kill cost.
 
-    One fixed-width in-place write per step (a rename per step costs ~0.3 ms); a torn number reads as unknown.
+    One fixed-width pwrite per step (a rename costs ~0.3 ms, a buffered file's seek, write and flush ~3 µs); it
+    survives a SIGKILL, as the page cache keeps it. A torn number reads as unknown.
     """
 
     def __init__(self, out_dir: str, enabled: bool):
-        self.path, self.enabled, self.file = Path(out_dir) / "last_step", enabled, None
+        self.path, self.enabled, self.fd = Path(out_dir) / "last_step", enabled, None
 
     def last(self) -> int:
         try:
@@ -29,13 +31,12 @@ class StepRecord:
     def write(self, step: int) -> None:
         if not self.enabled:
             return
-        if self.file is None:
+        if self.fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w")  # noqa: SIM115 — kept open for the run
-        self.file.seek(0)
-        self.file.write(f"{step:<20d}")
-        self.file.flush()
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, b"%-20d" % step, 0)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

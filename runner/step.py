@@ -18,7 +18,7 @@ from .errors import ConfigError
 class RunnerStep:
     """train.loss(model(x), y). Training returns the loss as train.loss reduces it; evaluation per-sample losses,
     summed in float64 so the validation loss does not depend on the batching. Counts correct predictions for class
-    targets."""
+    targets. The outputs it passes to `add` are (correct predictions or None, samples)."""
 
     accuracy = True
 
@@ -27,26 +27,48 @@ class RunnerStep:
         self.per_sample = copy.copy(loss_fn)
         if hasattr(self.per_sample, "reduction"):
             self.per_sample.reduction = "none"
+        self.forward = self.measure  # or its compiled graph (compile)
+        self.sums, self.views = None, ()  # views of the sums last added to: indexing costs an op per sum each step
+
+    def compile(self, options: dict) -> None:
+        """torch.compile the model's forward, the loss and the correct count as one graph (compiler.compile_model,
+        one process): the loss and its backward fuse, and the step makes one compiled call instead of the model's
+        call plus a few eager ops, each costing about as much as a layer of a small model."""
+        if self.forward == self.measure:
+            self.forward = torch.compile(self.measure, **options)
 
     def __call__(self, model, batch, training: bool) -> tuple[torch.Tensor, tuple]:
         x, y = pair(batch)
+        loss, correct = self.forward(model, x, y, training)
+        return loss, (correct, len(y))
+
+    def measure(self, model, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x)
         if training:
-            return self.loss_fn(out, y), (out, y)
-        loss = self.per_sample(out, y)
-        if loss.dim() > 1:  # per token (a sequence): each sample's mean, as the training loss weighs them
-            loss = loss.flatten(1).double().mean(1)
-        return loss, (out, y)
+            loss = self.loss_fn(out, y)
+        else:
+            loss = self.per_sample(out, y)
+            if loss.dim() > 1:  # per token (a sequence): each sample's mean, as the training loss weighs them
+                loss = loss.flatten(1).double().mean(1)
+        return loss, correct_predictions(out, y)
 
     def metric_names(self, outputs) -> list[str] | None:
         return None  # [loss, correct, count] only
 
     def add(self, sums: torch.Tensor, names, loss: torch.Tensor, outputs: tuple, samples: int) -> None:
-        out, y = outputs
+        """Running [loss sum, correct, count] on the device, without reading anything back: the mean loss × the
+        batch's samples, or the per-sample losses' sum, in float64."""
+        if sums is not self.sums:
+            self.sums, self.views = sums, sums[:3].unbind()
+        loss_sum, correct_sum, count = self.views
         if loss.dim():  # per-sample losses (evaluation)
-            add_batch(sums, out, y, loss.double().sum(), 1)
+            loss_sum.add_(loss.double().sum())
         else:
-            add_batch(sums, out, y, loss.detach(), samples)
+            loss_sum.add_(loss.detach(), alpha=samples)
+        correct, batch_size = outputs
+        if correct is not None:
+            correct_sum.add_(correct)
+        count.add_(batch_size)
 
 
 class UserStep:
@@ -124,12 +146,10 @@ def add_step(sums: torch.Tensor, names: list[str], loss: torch.Tensor, metrics: 
         sums[i].add_(value.detach().reshape(()) if isinstance(value, torch.Tensor) else value, alpha=samples)
 
 
-def add_batch(sums: torch.Tensor, out, y, loss: torch.Tensor, weight: int) -> None:
-    """Running [loss sum, correct, count] on the device, without reading anything back: `loss` × `weight` (the mean
-    loss × the batch's samples, or a sum × 1), added in float64; accuracy only for class-index targets. As few ops
-    as that takes: on a small model each costs about as much as a layer."""
-    sums[0].add_(loss, alpha=weight)
-    if not y.is_floating_point() and out.dim() == y.dim() + 1:  # class scores in dim 1, per sample or per token
-        hits = out.argmax(1) == y
-        sums[1].add_(hits.sum() if hits.dim() == 1 else hits.flatten(1).double().mean(1).sum())
-    sums[2].add_(len(y))
+def correct_predictions(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """How many predictions are right, for class-index targets (class scores in dim 1, per sample or per token:
+    a sequence counts its share of right tokens); None for other targets."""
+    if y.is_floating_point() or out.dim() != y.dim() + 1:
+        return None
+    hits = out.argmax(1) == y
+    return hits.sum() if hits.dim() == 1 else hits.flatten(1).double().mean(1).sum()

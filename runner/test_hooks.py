@@ -29,19 +29,29 @@ from pathlib import Path
 _step = 0  # the optimizer step the loop last reported (inject_fault), for RUNNER_TEST_COUNT_SYNCS
 
 
-def inject_fault(step: int, env) -> None:
+STEP_FAULTS = (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang"),
+               ("RUNNER_TEST_HOLD_GIL_AT_STEP", "hold_gil"), ("RUNNER_TEST_SIGNAL_AT_STEP", "signal"))
+
+
+def planned_faults(rank: int) -> dict[int, list[tuple[str, str]]]:
+    """The step faults set for this rank, {step: [(variable, action)]}: read once per start, as the environment
+    lookups would cost a few µs every step."""
+    planned: dict[int, list[tuple[str, str]]] = {}
+    for var, action in STEP_FAULTS:
+        at, _, rank_spec = os.environ.get(var, "").partition(":")
+        if at and int(rank_spec or 0) == rank:
+            planned.setdefault(int(at), []).append((var, action))
+    return planned
+
+
+def inject_fault(step: int, rank: int, planned: dict[int, list[tuple[str, str]]]) -> None:
     global _step
     _step = step
-    for var, action in (("RUNNER_TEST_FAIL_AT_STEP", "fail"), ("RUNNER_TEST_HANG_AT_STEP", "hang"),
-                        ("RUNNER_TEST_HOLD_GIL_AT_STEP", "hold_gil"), ("RUNNER_TEST_SIGNAL_AT_STEP", "signal")):
-        spec = os.environ.get(var)
-        if not spec:
-            continue
-        at, _, rank = spec.partition(":")
-        if step != int(at) or env.rank != int(rank or 0) or not _first_time():
+    for var, action in planned.get(step, ()):
+        if not _first_time():
             continue
         if action == "fail":
-            raise RuntimeError(f"injected test fault at step {step} on rank {env.rank} ({var})")
+            raise RuntimeError(f"injected test fault at step {step} on rank {rank} ({var})")
         if action == "signal":
             os.kill(os.getpid(), signal.SIGTERM)
             return

@@ -229,6 +229,29 @@ def test_max_autotune_resumes_bit_identically_on_a_cpu_even_without_the_compile_
     assert_same_run(a, tmp_path / "b")
 
 
+# --- what is compiled ------------------------------------------------------------------------------------------
+
+def test_in_one_process_runner_compiles_its_step_as_one_graph_and_leaves_the_model_plain(tmp_path):
+    """Forward, loss and correct count in one graph (no eager ops around the model's call), the module not
+    compiled in place, and the same loss as the eager step to float rounding."""
+    from torch._dynamo.utils import counters
+
+    job = build_job(load_config(write_job(tmp_path, base=MLP, **COMPILED)), DistEnv(0, 0, 1, torch.device("cpu")))
+    x, y = map(torch.stack, zip(*(job.data.train[i] for i in range(32))))
+    eager_loss, (eager_correct, _) = job.step_fn(job.model, (x, y), True)
+    torch._dynamo.reset()
+    counters.clear()
+    enter_phase(job, -1)
+    loss, (correct, samples) = job.step_fn(job.model, (x, y), True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert job.model._compiled_call_impl is None
+    assert not any("_orig_mod" in key for key in job.model.state_dict())
+    torch.testing.assert_close(loss, eager_loss)
+    assert correct == eager_correct and samples == 32
+    loss.backward()
+    assert all(p.grad is not None for p in job.model.parameters())
+
+
 # --- under fsdp ------------------------------------------------------------------------------------------------
 
 def test_under_fsdp_each_block_is_compiled_on_its_own_and_the_root_is_not(tmp_path, fsdp_job):
